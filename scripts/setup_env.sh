@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install posttrain into it. Idempotent: re-running after a change of
+# pyproject.toml reinstalls, otherwise it returns at once.
+#
+# torch is installed first and explicitly, so that pip never resolves the bare `torch` requirement to
+# a multi-GB CUDA build on a machine without a GPU:
+#   - no GPU (no nvidia-smi): torch==$TORCH_VERSION, CPU build, from the PyTorch CPU index
+#     (or a local wheel/find-links if pip is configured with one);
+#   - GPU: torch==$TORCH_VERSION from the default index (CUDA build).
+# Override with POSTTRAIN_TORCH_INDEX=<url> or POSTTRAIN_SKIP_TORCH=1 (bring your own torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+EXTRAS=${POSTTRAIN_EXTRAS:-dev}
+stamp="$VENV/.posttrain-installed"
+want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16) $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
+if [ "${POSTTRAIN_SKIP_TORCH:-0}" != "1" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    $pip install "torch==$TORCH_VERSION" ${POSTTRAIN_TORCH_INDEX:+--index-url "$POSTTRAIN_TORCH_INDEX"}
+  else
+    # --retries 0: where that index is unreachable (offline mirror, local wheels) fail over at once.
+    $pip install --retries 0 "torch==$TORCH_VERSION" --extra-index-url "${POSTTRAIN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  fi
+fi
+$pip install -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
+echo "posttrain: environment ready in $VENV ($(( $(date +%s) - start )) s)"
