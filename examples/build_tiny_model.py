@@ -1,0 +1,40 @@
+"""Build the demo's tiny Qwen3 model and its tokenizer locally (no downloads).
+
+The tokenizer is a byte-level BPE trained on the demo data, with the ChatML chat template and its
+markers as special tokens; the model is a randomly initialised Qwen3 built from its transformers
+config class. Both are saved as an ordinary HF model directory, which the job then loads through
+`from_pretrained` exactly like a downloaded checkpoint.
+
+Usage: python examples/build_tiny_model.py OUT_DIR
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from posttrain.tiny import CHATML_TEMPLATE, build_tiny_model, build_tokenizer
+
+DATA = Path(__file__).parent / "data" / "demo_chat.jsonl"
+
+
+def corpus():
+    for line in DATA.read_text().splitlines():
+        for m in json.loads(line)["messages"]:
+            yield m["content"]
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        print(f"tiny model already built: {out}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = build_tokenizer(tmp, chat_template=CHATML_TEMPLATE, corpus=list(corpus()), vocab_size=1000)
+        build_tiny_model(out, tok_dir, family="qwen3", hidden_size=128, num_layers=4, num_heads=4,
+                         num_kv_heads=2, intermediate_size=384)
+    print(f"built tiny Qwen3 + tokenizer in {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "examples/.cache/tiny-qwen3")

@@ -1,0 +1,72 @@
+"""`posttrain run JOB.yaml [key.path=value ...]` and `posttrain validate JOB.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import RECIPES, ConfigError, JobConfig, dump_config, load_config, resolve_import_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training from a job file.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a job")
+    r.add_argument("job", help="job YAML file")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, typed like the file")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier run in compute.output_dir")
+    v = sub.add_parser("validate", help="check a job file (types, keys, import paths) without running it")
+    v.add_argument("job", nargs="?", help="job YAML file")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--schema", action="store_true", help="print the JSON schema of job files")
+    return p
+
+
+def run_job(cfg: JobConfig, *, overwrite: bool = False) -> dict:
+    run_dir = Path(cfg.compute.output_dir)
+    # A run that trained (metrics) or exported is never silently replaced; a run that failed
+    # before its first step (bad config, bad record) left nothing worth keeping.
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
+        if not overwrite:
+            raise ConfigError(
+                f"compute.output_dir: {run_dir} already holds a run; choose another output_dir "
+                "or pass --overwrite to replace it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    recipe = resolve_import_path(RECIPES.get(cfg.recipe, cfg.recipe), key="recipe")
+    return recipe(cfg, run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # our console carries the run's story
+    transformers.utils.logging.disable_progress_bar()
+    from .data.records import BadRecord
+    from .data.tokenizer import TokenizerMismatchError
+
+    try:
+        if args.cmd == "validate" and args.schema:
+            print(json.dumps(JobConfig.model_json_schema(), indent=2))
+            return 0
+        if args.job is None:
+            raise ConfigError("validate: give a job file (or --schema)")
+        cfg = load_config(args.job, args.overrides)
+        if args.cmd == "validate":
+            print(f"{args.job}: ok (recipe {cfg.recipe}, model {cfg.model.path})")
+            return 0
+        run_job(cfg, overwrite=args.overwrite)
+        return 0
+    except (ConfigError, BadRecord, TokenizerMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

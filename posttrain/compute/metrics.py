@@ -1,0 +1,55 @@
+"""Per-step metrics: a rich progress bar on the console and one JSON line per step in the run dir.
+
+`posttrain.compute.metrics.add_sink(fn)` registers a user hook (W&B, MLflow, ...) called with every
+step's metrics dict.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_SINKS: list[Callable[[dict], None]] = []
+console = Console(stderr=True)
+
+
+def add_sink(fn: Callable[[dict], None]) -> None:
+    _SINKS.append(fn)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = open(self.path, "a", buffering=1)
+        self.log_every = log_every
+        self._progress = None
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, info="")
+            self._progress.start()
+        self._t0 = time.perf_counter()
+
+    def log(self, metrics: dict) -> None:
+        metrics = {"time": round(time.perf_counter() - self._t0, 3), **metrics}
+        self._fh.write(json.dumps(metrics) + "\n")
+        for sink in _SINKS:
+            sink(metrics)
+        step = metrics.get("step", 0)
+        info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        if step % self.log_every == 0:
+            (self._progress.console if self._progress else console).print(f"step {step:>5}  {info}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._fh.close()

@@ -1,0 +1,246 @@
+"""Job configuration: one YAML file, pydantic models per section, typed dotted overrides.
+
+Every error names the file (or the override) and the full key path, plus the YAML line when known:
+    job.yaml:7: train.lr: input should be a valid number, unable to parse string as a number
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A job file, an override or an import path is wrong. The message is meant for the user."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- sections
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # peft's names: "all-linear" (every linear layer but the output head) or a list of module names.
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelConfig(Strict):
+    path: str = Field(description="local HF model directory or hub id")
+    tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's own")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    # vocabulary: new tokens are appended; embeddings are resized to a multiple of this.
+    add_special_tokens: list[str] = []
+    add_tokens: list[str] = []
+    add_tokens_file: str | None = None
+    new_embedding_init: Literal["mean", "random"] = "mean"
+    pad_vocab_to_multiple_of: int = Field(64, ge=1)
+
+
+class DataSource(Strict):
+    path: str
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    # record format; "auto" picks per record: messages | prompt+completion | text
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    transform: str | None = Field(None, description="import path of fn(record) -> record | None")
+    max_seq_len: int = Field(2048, ge=8)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_tokens_per_batch: int = Field(8192, ge=8, description="tokens (incl. padding) per micro-batch")
+    shuffle: bool = True
+
+
+class TrainConfig(Strict):
+    lr: float = Field(2e-5, gt=0)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
+    epochs: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+
+
+class ComputeConfig(Strict):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    output_dir: str = "runs/default"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
+    progress: bool = True
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    merge_lora: bool = True
+    sample_prompts: list[str] = []
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class JobConfig(Strict):
+    recipe: str = Field(description="sft, or an import path 'pkg.mod:fn'")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    compute: ComputeConfig = ComputeConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        if v not in RECIPES and ":" not in v:
+            raise ValueError(f"unknown recipe {v!r}; choose one of {sorted(RECIPES)} or give an import path 'pkg.mod:fn'")
+        return v
+
+    def import_paths(self) -> dict[str, str]:
+        """Every component plugged in by import path, by config key."""
+        paths = {"recipe": RECIPES.get(self.recipe, self.recipe)}
+        if self.data.transform:
+            paths["data.transform"] = self.data.transform
+        return paths
+
+
+RECIPES = {"sft": "posttrain.recipes.sft:run"}
+
+
+# ------------------------------------------------------------------------------------- import paths
+def resolve_import_path(spec: str, *, key: str) -> Any:
+    """`"pkg.module:attr.sub"` -> the object, with an error naming the config key on failure."""
+    if ":" not in spec:
+        raise ConfigError(f"{key}: {spec!r} is not an import path; expected 'package.module:name'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e})") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ConfigError(f"{key}: module {mod_name!r} has no attribute {attr!r}") from e
+    return obj
+
+
+# --------------------------------------------------------------------------------------- loading
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map key paths (tuples of keys / list indices) to 1-based line numbers in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are parsed as YAML, so lists/bools work."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, _, raw = item.partition("=")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple, str]:
+    """Apply dotted overrides in place; return {key path: override text} for error messages."""
+    origin = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        origin[tuple(path)] = item
+    return origin
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from e
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the job file must be a mapping of sections (recipe, model, data, ...)")
+    origin = apply_overrides(raw, overrides or [])
+    lines = _yaml_lines(text)
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            src = next((f"override {o!r}" for p, o in origin.items() if loc[: len(p)] == p), None)
+            if src is None:
+                line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+                src = f"{path}:{line}" if line else str(path)
+            msg = err["msg"]
+            msg = msg[0].lower() + msg[1:] if msg else msg
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see `posttrain validate --schema`)"
+            key = _dotted(loc) or "(top level)"
+            msgs.append(f"{src}: {key}: {msg}")
+        raise ConfigError("\n".join(msgs)) from None
+    # Resolve plugged-in components now (also in `posttrain validate`), not an hour into the run.
+    for key, spec in cfg.import_paths().items():
+        try:
+            resolve_import_path(spec, key=key)
+        except ConfigError as e:
+            src = origin.get(tuple(key.split(".")))
+            raise ConfigError(f"{f'override {src!r}' if src else path}: {e}") from None
+    return cfg
+
+
+def dump_config(cfg: JobConfig, path: str | Path) -> None:
+    """Write the fully resolved config (defaults filled in) as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    tmp.replace(path)

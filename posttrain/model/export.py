@@ -1,0 +1,74 @@
+"""Export to a plain HF checkpoint (safetensors + config + tokenizer) that any loader accepts.
+
+Written atomically: into a temporary sibling directory that is renamed over the target only when
+complete, so an interrupted export never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from ..data.tokenizer import write_fingerprint
+from .load import unwrap
+
+
+def padded_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of vocabulary padding rows: they exist in the weights but no text maps to them."""
+    rows = unwrap(model).get_input_embeddings().weight.shape[0]
+    return list(range(len(tokenizer), rows))
+
+
+def generation_config(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The base model's generation config plus suppression of padded vocab rows (-inf logits)."""
+    gen = copy.deepcopy(getattr(unwrap(model), "generation_config", None) or GenerationConfig())
+    pad_rows = padded_ids(model, tokenizer)
+    gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(pad_rows)) or None
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    return gen
+
+
+def export_hf(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    merge_lora: bool = True,
+    meta: dict | None = None,
+) -> Path:
+    """Save `model` (merged LoRA or adapter only) + tokenizer + fingerprint to `out_dir`."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    is_peft = hasattr(model, "peft_config")
+    # Merge into a copy so the training model keeps its adapters (export may happen mid-run).
+    # Unmerged, PeftModel.save_pretrained writes adapter_model.safetensors + adapter_config.json.
+    to_save = copy.deepcopy(model).merge_and_unload() if is_peft and merge_lora else model
+    kwargs = {}
+    if is_peft and not merge_lora and len(tokenizer) != unwrap(model).config.vocab_size:
+        kwargs["save_embedding_layers"] = True
+    with torch.no_grad():
+        to_save.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    gen = generation_config(model, tokenizer)
+    gen.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_fingerprint(tokenizer, tmp, padded_vocab_size=len(tokenizer) + len(padded_ids(model, tokenizer)), **(meta or {}))
+    for f in tmp.iterdir():  # make it durable before it becomes visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out

@@ -1,0 +1,98 @@
+"""Supervised fine-tuning, single process.
+
+    tokenizer  <- the model's own, plus pad / added tokens
+    samples    <- records rendered with the chat template, assistant-only labels
+    model      <- HF causal LM, vocab padded to a multiple of 64, optional LoRA / checkpointing
+    for step in 1..S:
+        micro-batches b_1..b_k                    (k = train.grad_accum)
+        N      = target tokens in b_1..b_k        (the whole optimizer step)
+        loss   = sum_j CE_sum(b_j) / N            (token-mean over the step, not a mean of means)
+        backward per micro-batch, clip, AdamW, schedule, log
+    export HF checkpoint (+ tokenizer + fingerprint), sample from it
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..compute.device import choose_device, choose_dtype, seed_everything
+from ..compute.metrics import MetricsLogger, console
+from ..compute.optim import build_optimizer, build_scheduler
+from ..config import JobConfig
+from ..data.batches import PaddedBatches
+from ..data.records import load_samples
+from ..data.tokenizer import fingerprint, load_tokenizer
+from ..model.export import export_hf
+from ..model.load import load_model
+from ..model.loss import backward_token_mean
+from ..model.sample import sample_chat
+
+
+def run(cfg: JobConfig, run_dir: Path) -> dict:
+    seed_everything(cfg.train.seed)
+    if cfg.compute.threads:
+        torch.set_num_threads(cfg.compute.threads)
+    device = choose_device(cfg.compute.device)
+    dtype = choose_dtype(cfg.model.dtype, device)
+
+    tokenizer = load_tokenizer(cfg.model)
+    samples, stats = load_samples(cfg.data, tokenizer)
+    console.print(stats.summary())
+    batches = PaddedBatches(
+        samples, max_tokens=cfg.data.max_tokens_per_batch, pad_id=tokenizer.pad_token_id,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+    )
+    model = load_model(cfg.model, tokenizer, device=device, dtype=dtype, merge_lora=cfg.export.merge_lora)
+    model.train()
+    vocab = len(tokenizer)  # real vocabulary; rows beyond it are padding
+
+    steps = cfg.train.steps or cfg.train.epochs * math.ceil(batches.micro_batches_per_epoch() / cfg.train.grad_accum)
+    opt = build_optimizer(model, cfg.train)
+    sched = build_scheduler(opt, cfg.train, steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}; {steps} steps")
+
+    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every)
+    losses = []
+    try:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.train.grad_accum)]
+            step_loss, n_targets = backward_token_mean(model, micro, vocab)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+                if cfg.train.max_grad_norm
+                else None
+            )
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            real_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            losses.append(step_loss)
+            log.log({
+                "step": step, "epoch": batches.epoch, "loss": step_loss, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "target_tokens": n_targets, "tokens_per_s": real_tokens / dt, "step_time_s": dt,
+            })
+    finally:
+        log.close()
+
+    result = {"steps": steps, "losses": losses, "run_dir": str(run_dir)}
+    if cfg.export.enabled:
+        out = export_hf(
+            model, tokenizer, run_dir / "hf", merge_lora=cfg.export.merge_lora,
+            meta={"base_model": cfg.model.path, "steps": steps},
+        )
+        result["export_dir"] = str(out)
+        console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(tokenizer)[:12]})")
+        if cfg.export.sample_prompts:
+            for prompt, text in zip(cfg.export.sample_prompts, sample_chat(out, cfg.export.sample_prompts, max_new_tokens=cfg.export.max_new_tokens)):
+                console.print(f"[bold]sample[/] {prompt!r} -> {text!r}")
+    return result

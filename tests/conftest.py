@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models + tokenizers built locally and saved, loaded back via from_pretrained."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.tiny import (
+    CHATML_SPECIALS,
+    CHATML_TEMPLATE,
+    LLAMA3_SPECIALS,
+    LLAMA3_TEMPLATE,
+    build_tiny_model,
+    build_tokenizer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = ROOT / "examples" / "data" / "demo_chat.jsonl"
+
+
+def _corpus():
+    lines = DEMO_DATA.read_text().splitlines()[:300]
+    return [m["content"] for ln in lines for m in json.loads(ln)["messages"]]
+
+
+def _build(tmp_path_factory, family):
+    base = tmp_path_factory.mktemp(f"tiny-{family}")
+    if family == "qwen3":
+        tok = build_tokenizer(base / "tok", chat_template=CHATML_TEMPLATE, corpus=_corpus())
+    else:
+        tok = build_tokenizer(
+            base / "tok", chat_template=LLAMA3_TEMPLATE, bos=LLAMA3_SPECIALS["bos"], eos=LLAMA3_SPECIALS["eos"],
+            pad=LLAMA3_SPECIALS["pad"], special_tokens=LLAMA3_SPECIALS["extra"], add_bos_token=True, corpus=_corpus(),
+        )
+    return build_tiny_model(base / "model", tok, family=family)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "llama")
+
+
+@pytest.fixture(params=["qwen3", "llama"])
+def tiny_model(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def job_dict(model_dir, data_path, out_dir, **sections) -> dict:
+    """A small SFT job as a dict (the YAML file's content); `sections` update it per section."""
+    job = {
+        "recipe": "sft",
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"sources": [{"path": str(data_path)}], "max_seq_len": 128, "max_tokens_per_batch": 512},
+        "train": {"lr": 1e-3, "steps": 4, "seed": 0},
+        "compute": {"device": "cpu", "output_dir": str(out_dir), "progress": False},
+    }
+    for k, v in sections.items():
+        job.setdefault(k, {}).update(v) if isinstance(v, dict) else job.__setitem__(k, v)
+    return job
+
+
+def qa_to_messages(rec):
+    """A user transform plugged in by import path in tests: {q, a} -> messages."""
+    return {"messages": [{"role": "user", "content": rec["q"]}, {"role": "assistant", "content": rec["a"]}]}
