@@ -31,8 +31,8 @@ def main(out_dir: str) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = build_tokenizer(tmp, chat_template=CHATML_TEMPLATE, corpus=list(corpus()), vocab_size=1000)
-        build_tiny_model(out, tok_dir, family="qwen3", hidden_size=128, num_layers=4, num_heads=4,
-                         num_kv_heads=2, intermediate_size=384)
+        build_tiny_model(out, tok_dir, family="qwen3", hidden_size=256, num_layers=4, num_heads=4,
+                         num_kv_heads=2, intermediate_size=768)
     print(f"built tiny Qwen3 + tokenizer in {out}")
 
 

@@ -122,3 +122,11 @@ def test_adapter_only_export_with_resized_vocab_is_refused_before_training(tiny_
     with pytest.raises(ConfigError, match="export.merge_lora"):
         run(job)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bf16_weights_train_with_fp32_loss(tiny_qwen3, data, tmp_path):
+    cfg = JobConfig.model_validate(job_dict(tiny_qwen3, data, tmp_path / "run", model={"dtype": "bfloat16"}, train={"steps": 2}))
+    res = run_job(cfg)
+    assert len(res["losses"]) == 2 and all(l == l and l > 0 for l in res["losses"])  # finite
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert loaded.config.dtype == torch.bfloat16 or next(loaded.parameters()).dtype == torch.bfloat16

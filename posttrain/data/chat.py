@@ -1,0 +1,447 @@
+"""Chat tokenization with an assistant-only loss mask, driven by the tokenizer's own chat template.
+
+The chat template is the single source of truth: the ids we train on are exactly
+`tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]` (checked on every sample), and
+nothing here concatenates per-turn renders. What is trained (see docs/chat_templates.md):
+
+* each assistant turn's answer tokens and the turn's end-of-turn marker (`<|im_end|>`, `<|eot_id|>`,
+  `<end_of_turn>`, `</s>`, ...); never tokens after that marker (the "\\n" after `<|im_end|>`), never
+  system / user / tool turns;
+* the assistant header (`<|im_start|>assistant\\n`) is prompt: we train on what the model generates
+  after `add_generation_prompt=True`. Templates with native `{% generation %}` spans are
+  authoritative where they are used (some TRL templates put part of the header inside the span).
+
+Two ways to find the spans:
+
+* template has `{% generation %}` -> transformers' `return_assistant_tokens_mask=True`;
+* otherwise prefix-diff: for assistant turn i, p = render(messages[:i], add_generation_prompt=True)
+  and q = render(messages[:i+1]); the span is [len(p), len(q)) of the full render, mapped to tokens
+  with the offsets of the full render. When q is not a prefix of the full render but p is (Qwen3
+  renders the *last* assistant turn with an empty `<think></think>` and earlier ones without), the
+  span runs from len(p) to the end-of-turn marker after the turn's content ("handled").
+
+Both are verified per assistant turn (content and any reasoning field inside the masked text, an
+end-of-turn special token present when the template writes one); any failure raises
+`ChatTemplateError` naming the problem. A silently wrong mask is never returned.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ChatTemplateError",
+    "EmptyMaskError",
+    "Encoded",
+    "encode_messages",
+    "encode_prompt_completion",
+    "encode_text",
+]
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot be trained on correctly (message names the problem and what to do)."""
+
+
+class EmptyMaskError(ValueError):
+    """The sample has no trainable token (no assistant turn, empty completion, ...)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 = token i is a training target (labels[i] = input_ids[i]), 0 = not
+
+
+# Names of end-of-turn markers of public chat models. Only used to pick the end-of-turn token when a
+# turn's content cannot be located (tool calls, empty content); otherwise the end-of-turn marker is
+# the first special token after the content.
+_EOT_NAMES = frozenset({
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>", "</s>",
+    "<|endoftext|>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>", "<|END_OF_TURN_TOKEN|>",
+    "<|END_RESPONSE|>", "<end_of_utterance>", "<|im_end|>", "<turn|>",
+})
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+@dataclass(frozen=True)
+class _TokInfo:
+    special_ids: frozenset[int]
+    eot_ids: frozenset[int]
+    name: str
+
+
+_CACHE: dict[int, tuple[Any, Any, _TokInfo]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _tok_info(tok) -> _TokInfo:
+    key = (len(tok), str(tok.chat_template))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(id(tok))
+        if hit is not None and hit[0]() is tok and hit[1] == key:
+            return hit[2]
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    for tid, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(tid))
+    eot = {tid for tid in special if tok.convert_ids_to_tokens(tid) in _EOT_NAMES}
+    if tok.eos_token_id is not None:
+        eot.add(tok.eos_token_id)
+    name = str(getattr(tok, "name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or "<unnamed>"
+    info = _TokInfo(frozenset(special), frozenset(eot), name)
+    try:
+        ref = weakref.ref(tok)
+    except TypeError:  # pragma: no cover - tokenizers are weak-referenceable
+        return info
+    with _CACHE_LOCK:
+        _CACHE[id(tok)] = (ref, key, info)
+    return info
+
+
+def _has_generation(tok, tools) -> bool:
+    try:
+        template = tok.get_chat_template(None, tools)
+    except ValueError as e:
+        raise ChatTemplateError(f"template {_tok_info(tok).name}: tokenizer has no usable chat template ({e})") from e
+    return bool(_GENERATION_RE.search(template))
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_messages(tokenizer, messages: list[dict], *, tools: list | None = None, **template_kwargs) -> Encoded:
+    """Render `messages` with the tokenizer's chat template; mask = assistant answers + end-of-turn."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs)
+
+
+def _encode_messages_traced(tokenizer, messages, *, tools=None, **template_kwargs) -> tuple[Encoded, list[str]]:
+    """encode_messages plus how each assistant turn's span was found ("generation", "prefix-diff",
+    "history-rerender"); for tests and the conformance report."""
+    paths: list[str] = []
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
+
+
+def encode_prompt_completion(tokenizer, prompt, completion) -> Encoded:
+    """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational")."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
+        if not c_ids:
+            raise EmptyMaskError("sample has no assistant tokens to train on: the completion is empty")
+        eos = tokenizer.eos_token_id
+        if eos is not None and c_ids[-1] != eos:
+            c_ids.append(eos)
+        return Encoded(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids))
+    if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
+        messages = list(prompt) + list(completion)
+        train = [i for i in range(len(prompt), len(messages)) if messages[i].get("role") == "assistant"]
+        if not train:
+            raise EmptyMaskError("sample has no assistant tokens to train on: the completion has no assistant message")
+        return _encode_chat(tokenizer, messages, train, None, {})
+    raise TypeError("prompt and completion must both be strings or both be lists of messages")
+
+
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Plain text (continued pretraining): every token is a target; eos appended if missing."""
+    if not isinstance(text, str):
+        raise TypeError("text must be a string")
+    if not text.strip():
+        raise EmptyMaskError("sample has no tokens to train on: the text is empty")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return Encoded(ids, [1] * len(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# implementation
+# ----------------------------------------------------------------------------------------------
+
+
+def _render(tok, messages, tools, kw, *, add_generation_prompt=False) -> str:
+    return tok.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+    )
+
+
+def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> Encoded:
+    for bad in ("add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
+                "return_assistant_tokens_mask"):
+        if kw.get(bad):
+            raise ValueError(f"encode_messages: {bad}=... is not allowed for training samples")
+        kw.pop(bad, None)
+    if not train:
+        raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
+    info = _tok_info(tok)
+    gen = _has_generation(tok, tools)
+
+    try:
+        full = _render(tok, messages, tools, kw)
+        out = tok.apply_chat_template(
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=gen, **kw
+        )
+    except ChatTemplateError:
+        raise
+    except Exception as e:  # jinja TemplateError (raise_exception), TypeError on content type, ...
+        raise ChatTemplateError(
+            f"template {info.name}: cannot render this conversation ({type(e).__name__}: {e}); "
+            "check the roles and content format the template accepts (system role, list-of-parts content)"
+        ) from e
+    ids = list(out["input_ids"])
+    try:
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant masks need offset mappings; load a fast tokenizer (use_fast=True)"
+        ) from e
+    if list(enc["input_ids"]) != ids:
+        raise ChatTemplateError(
+            f"template {info.name}: tokenizing the rendered text (add_special_tokens=False) does not give "
+            "apply_chat_template's ids (the render is not deterministic, e.g. it changed between calls); "
+            "cannot align the mask"
+        )
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+
+    if gen:
+        spans = _generation_spans(tok, info, messages, train, full, ids, offsets, list(out["assistant_masks"]))
+        hows = ["generation"] * len(spans)
+    else:
+        spans, hows = _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets)
+    if paths is not None:
+        paths.extend(hows)
+
+    mask = [0] * len(ids)
+    for a, b in spans:
+        for t in range(a, b):
+            mask[t] = 1
+    if not any(mask):
+        raise EmptyMaskError("sample has no assistant tokens to train on: every assistant turn is empty")
+    return Encoded(ids, mask)
+
+
+def _content_texts(message: dict) -> list[str]:
+    """The stripped text pieces of a message's content that must appear in its masked span."""
+    c = message.get("content")
+    if isinstance(c, str):
+        return [c.strip()] if c.strip() else []
+    if isinstance(c, (list, tuple)):
+        return [p["text"].strip() for p in c
+                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and p["text"].strip()]
+    return []
+
+
+def _reasoning_texts(message: dict) -> list[str]:
+    out = []
+    for k in _REASONING_KEYS:
+        v = message.get(k)
+        if isinstance(v, str) and v.strip():
+            out.append(v.strip())
+    return out
+
+
+def _tokens_overlapping(offsets, start: int, end: int) -> tuple[int, int]:
+    """Token index range [a, b) of the tokens overlapping chars [start, end)."""
+    a = b = None
+    for t, (s, e) in enumerate(offsets):
+        if e > start and s < end and e > s:
+            if a is None:
+                a = t
+            b = t + 1
+        elif s >= end and e > s:
+            break
+    if a is None:
+        return (0, 0)
+    return (a, b)
+
+
+def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int, b: int) -> tuple[int, int, bool]:
+    """Cut token span [a, b) right after the turn's end-of-turn special token.
+
+    The end-of-turn marker is the first special token after the end of the turn's (last) content
+    piece; when the content cannot be located (tool calls, empty content) it is the first known
+    end-of-turn token (eos, <|im_end|>, <|eot_id|>, ...) in the span, else the last special token.
+    Without any special token the span loses its trailing whitespace-only tokens.
+    Returns (a, b, has_eot)."""
+    specials = [t for t in range(a, b) if ids[t] in info.special_ids]
+    if not specials:
+        while b > a and not full[offsets[b - 1][0]:offsets[b - 1][1]].strip():
+            b -= 1
+        return a, b, False
+    text_start, text_end = offsets[a][0], offsets[b - 1][1]
+    content_end = None
+    pos = text_start
+    for piece in _content_texts(message) + _reasoning_texts(message):
+        k = full.find(piece, text_start, text_end)
+        if k >= 0:
+            content_end = max(content_end or 0, k + len(piece))
+    if content_end is not None:
+        pos = content_end
+        after = [t for t in specials if offsets[t][0] >= pos]
+        if after:
+            return a, after[0] + 1, True
+    eots = [t for t in specials if ids[t] in info.eot_ids and offsets[t][0] >= pos]
+    if eots:
+        return a, eots[0] + 1, True
+    return a, specials[-1] + 1, True
+
+
+def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int, b: int,
+            eot_expected: bool, has_eot: bool, how: str) -> None:
+    if b <= a:
+        if _content_texts(message):
+            raise ChatTemplateError(
+                f"template {info.name}: assistant turn {turn} has an empty mask span ({how}) although it has "
+                "content; the template does not render this turn where expected"
+            )
+        return
+    text = full[offsets[a][0]:offsets[b - 1][1]]
+    for piece in _content_texts(message):
+        if piece not in text:
+            raise ChatTemplateError(
+                f"template {info.name}: the content of assistant turn {turn} does not appear in its masked span "
+                f"({how}); the template rewrites the turn (e.g. strips <think> reasoning from history or trims "
+                "content). Use one sample per assistant turn, or a template with {% generation %} markers"
+            )
+    for piece in _reasoning_texts(message):
+        if piece not in text:
+            raise ChatTemplateError(
+                f"template {info.name}: the reasoning of assistant turn {turn} is dropped by the template "
+                f"({how}); training on it would teach the model to skip reasoning. Use one sample per "
+                "assistant turn (the template keeps reasoning for the last turn), or remove the reasoning field"
+            )
+    if eot_expected and not has_eot:
+        raise ChatTemplateError(
+            f"template {info.name}: the masked span of assistant turn {turn} has no end-of-turn special token "
+            f"({how}); the model would not learn to stop. Check that the end-of-turn marker is a special token"
+        )
+
+
+def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> list[tuple[int, int]]:
+    spans, hows = [], []
+    for i in train:
+        if i == 0:
+            raise ChatTemplateError(
+                f"template {info.name}: the conversation starts with an assistant turn; there is no prompt to "
+                "render with add_generation_prompt=True. Start with a user (or system) message"
+            )
+        try:
+            p = _render(tok, messages[:i], tools, kw, add_generation_prompt=True)
+            q = _render(tok, messages[: i + 1], tools, kw)
+        except Exception as e:
+            raise ChatTemplateError(
+                f"template {info.name}: cannot render the conversation prefix up to assistant turn {i} "
+                f"({type(e).__name__}: {e}); prefix-diff masking needs every prefix to render. Use one sample "
+                "per assistant turn or a template with {% generation %} markers"
+            ) from e
+        if not full.startswith(p):
+            raise ChatTemplateError(
+                f"template {info.name}: the prompt rendered with add_generation_prompt=True is not a prefix of the "
+                f"conversation at assistant turn {i} (the template rewrites earlier turns or its generation "
+                "prompt differs from how it renders the turn in history, e.g. strips reasoning or moves the "
+                "system prompt); use one sample per assistant turn or a template with {% generation %} markers"
+            )
+        if not q.startswith(p):
+            raise ChatTemplateError(
+                f"template {info.name}: the prompt rendered with add_generation_prompt=True is not a prefix of the "
+                f"conversation ending at assistant turn {i}; use a template with {{% generation %}} markers"
+            )
+        if full.startswith(q):
+            start, end, how = len(p), len(q), "prefix-diff"
+            kind = "prefix-diff"
+            diff = q[len(p):]
+        else:
+            # Prompt is stable but this turn renders differently when it is not the last one (Qwen3's
+            # empty <think></think> on the last turn). Use the turn as rendered in the full conversation:
+            # from the generation prompt to the end-of-turn marker after the content.
+            start, how = len(p), "prefix-diff, turn rendered differently in history"
+            kind = "history-rerender"
+            pieces = _content_texts(messages[i])
+            if not pieces:
+                raise ChatTemplateError(
+                    f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
+                    "conversation (the template renders the turn differently when it is not the last one) and the "
+                    "turn has no text content to locate it; use one sample per assistant turn"
+                )
+            end = _locate_turn_end(info, full, ids, offsets, start, pieces)
+            if end is None:
+                raise ChatTemplateError(
+                    f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
+                    "conversation and the turn's content cannot be found right after its generation prompt (the "
+                    "template rewrites it in history, e.g. strips reasoning); use one sample per assistant turn "
+                    "or a template with {% generation %} markers"
+                )
+            diff = full[start:end]
+        a, b = _tokens_overlapping(offsets, start, end)
+        a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
+        eot_expected = _text_has_special(tok, info, diff)
+        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how)
+        spans.append((a, b))
+        hows.append(kind)
+    return spans, hows
+
+
+def _locate_turn_end(info, full, ids, offsets, start, pieces) -> int | None:
+    """End char of the first special token after the turn's content, when the content follows `start`
+    without any special token in between (so we cannot run into another turn)."""
+    pos = start
+    for piece in pieces:
+        k = full.find(piece, pos)
+        if k < 0:
+            return None
+        pos = k + len(piece)
+    between = _tokens_overlapping(offsets, start, pos)
+    if any(ids[t] in info.special_ids for t in range(*between)):
+        return None
+    for t, (s, e) in enumerate(offsets):
+        if s >= pos and ids[t] in info.special_ids:
+            return e
+    return None
+
+
+def _text_has_special(tok, info, text: str) -> bool:
+    if not text:
+        return False
+    return any(t in info.special_ids for t in tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _generation_spans(tok, info, messages, train, full, ids, offsets, gen_mask) -> list[tuple[int, int]]:
+    runs, t = [], 0
+    while t < len(gen_mask):
+        if gen_mask[t]:
+            s = t
+            while t < len(gen_mask) and gen_mask[t]:
+                t += 1
+            runs.append((s, t))
+        else:
+            t += 1
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if len(runs) != len(assistants):
+        raise ChatTemplateError(
+            f"template {info.name}: the template's {{% generation %}} spans ({len(runs)}) do not match the "
+            f"assistant turns ({len(assistants)}); the template marks more or less than one span per assistant "
+            "turn (or an assistant turn renders empty). Fix the markers or remove them to use prefix-diff masking"
+        )
+    spans = []
+    for (a, b), i in zip(runs, assistants):
+        if i not in train:
+            continue
+        diff = full[offsets[a][0]:offsets[b - 1][1]]
+        eot_expected = any(ids[x] in info.special_ids for x in range(a, b))
+        a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
+        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, "{% generation %} span")
+        del diff
+        spans.append((a, b))
+    return spans
