@@ -1,4 +1,4 @@
-"""`posttrain run JOB.yaml [key.path=value ...]` and `posttrain validate JOB.yaml`."""
+"""`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`, `posttrain verify MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("job", nargs="?", help="job YAML file")
     v.add_argument("overrides", nargs="*")
     v.add_argument("--schema", action="store_true", help="print the JSON schema of job files")
+    f = sub.add_parser("verify", help="logit parity: our training path (packed, chunked head, LoRA, padded vocab) "
+                       "and an export vs the plain transformers forward")
+    f.add_argument("model_dir", nargs="+", help="HF model directories (one report each)")
+    f.add_argument("--tol", type=float, default=1e-5, help="max abs log-prob difference (fp32; logits 10x)")
+    f.add_argument("--docs", type=int, default=3, help="random documents packed in one row")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-lora", action="store_true", help="verify without LoRA adapters")
+    f.add_argument("--export", metavar="DIR", help="keep the checked export in DIR (default: a temporary dir)")
+    f.add_argument("--skip-export", action="store_true", help="do not check an export")
+    f.add_argument("--allow-unverified", action="store_true", help="run on an architecture not in the family table")
     return p
 
 
@@ -52,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     from .data.tokenizer import TokenizerMismatchError
 
     try:
+        if args.cmd == "verify":
+            from .model.verify import verify_model
+
+            ok = True
+            for d in args.model_dir:
+                rep = verify_model(
+                    d, n_docs=args.docs, seed=args.seed, tol=args.tol, lora=not args.no_lora,
+                    export=not args.skip_export, export_dir=args.export, allow_unverified=args.allow_unverified,
+                )
+                print(rep.table())
+                ok &= rep.ok
+            print("verify: ok" if ok else "verify: FAILED (differences above tolerance)")
+            return 0 if ok else 1
         if args.cmd == "validate" and args.schema:
             print(json.dumps(JobConfig.model_json_schema(), indent=2))
             return 0

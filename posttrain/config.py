@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,8 +28,20 @@ class LoraConfig(Strict):
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # peft's names: "all-linear" (every linear layer but the output head) or a list of module names.
-    target_modules: str | list[str] = "all-linear"
+    # roles, mapped to each family's module names (posttrain/model/families.py); default
+    # [attention, mlp] for a verified family, peft's "all-linear" for an unverified one.
+    target: list[Literal["attention", "mlp", "head"]] | None = None
+    experts: bool = Field(False, description="MoE: LoRA on the fused expert weights too (peft target_parameters)")
+    # escape hatch, peft's own names: "all-linear" or a list of module names (exclusive with target).
+    target_modules: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_target(self):
+        if self.target is not None and self.target_modules is not None:
+            raise ValueError("give either target (roles: attention, mlp, head) or target_modules (peft module names), not both")
+        if self.experts and self.target_modules is not None:
+            raise ValueError("experts: true works with target (roles), not with raw target_modules")
+        return self
 
 
 class ModelConfig(Strict):
@@ -38,7 +50,8 @@ class ModelConfig(Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str = "sdpa"
+    # auto: flash_attention_2 on CUDA when installed, else posttrain's per-document SDPA
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     # vocabulary: new tokens are appended; embeddings are resized to a multiple of this.
@@ -47,28 +60,41 @@ class ModelConfig(Strict):
     add_tokens_file: str | None = None
     new_embedding_init: Literal["mean", "random"] = "mean"
     pad_vocab_to_multiple_of: int = Field(64, ge=1)
+    # loss outside the model: output-head rows per chunk (null: auto, ~256 MiB of fp32 logits)
+    loss_chunk_tokens: int | None = Field(None, ge=1)
+    allow_unverified: bool = Field(False, description="train an architecture not in the verified family table")
+    # MoE router load-balancing loss; null: as in the checkpoint's config.json
+    output_router_logits: bool | None = None
+    router_aux_loss_coef: float | None = Field(None, ge=0.0)
 
 
 class DataSource(Strict):
-    path: str
+    path: str = Field(description="JSONL (.gz/.zst) or Parquet file, glob, or fsspec URL (s3://...)")
+    weight: float = Field(1.0, gt=0)
 
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
+    storage_options: dict[str, Any] = Field({}, description="fsspec options, e.g. {endpoint_url: ...} for S3")
     # record format; "auto" picks per record: messages | prompt+completion | text
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     transform: str | None = Field(None, description="import path of fn(record) -> record | None")
     max_seq_len: int = Field(2048, ge=8)
     overlong: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
-    max_tokens_per_batch: int = Field(8192, ge=8, description="tokens (incl. padding) per micro-batch")
+    packing: bool = True
+    max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
+    buffer_size: int = Field(256, ge=1, description="tokenized samples the packer chooses from")
+    prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead in the background")
     shuffle: bool = True
+    shuffle_window: int = Field(1024, ge=1, description="records permuted together while streaming")
+    on_exhausted: Literal["restart", "drop"] = "restart"
+    max_epochs: int | None = Field(None, ge=1, description="passes over each source; None: restart forever")
 
 
 class TrainConfig(Strict):
     lr: float = Field(2e-5, gt=0)
-    steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
-    epochs: int = Field(1, ge=1)
+    steps: int = Field(ge=1, description="optimizer steps (the data streams; see data.max_epochs)")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
@@ -98,7 +124,7 @@ class JobConfig(Strict):
     recipe: str = Field(description="sft, or an import path 'pkg.mod:fn'")
     model: ModelConfig
     data: DataConfig
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig
     compute: ComputeConfig = ComputeConfig()
     export: ExportConfig = ExportConfig()
 

@@ -124,7 +124,7 @@ def build_tokenizer(
     return out
 
 
-TINY_FAMILIES = ("qwen3", "llama")
+TINY_FAMILIES = ("qwen3", "llama", "gemma3", "qwen3_moe")
 
 
 def build_tiny_model(
@@ -139,11 +139,14 @@ def build_tiny_model(
     intermediate_size: int = 128,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    final_logit_softcapping: float | None = 2.0,
+    num_experts: int = 4,
+    output_router_logits: bool = True,
 ) -> Path:
     """Build a randomly initialised tiny causal LM of a real transformers family from its config
     class, sized to the tokenizer in `tokenizer_dir`, and save model + tokenizer to `out_dir`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
@@ -163,6 +166,23 @@ def build_tiny_model(
         cfg = Qwen3Config(head_dim=hidden_size // num_heads, **common)
     elif family == "llama":
         cfg = LlamaConfig(head_dim=hidden_size // num_heads, **common)
+    elif family == "gemma3":
+        # Gemma3 text: tied embeddings, final logit soft-capping (set so the softcap path runs), one
+        # sliding-window layer (window 16) and one full-attention layer.
+        common["tie_word_embeddings"] = True
+        cfg = Gemma3TextConfig(
+            head_dim=hidden_size // num_heads, query_pre_attn_scalar=hidden_size // num_heads,
+            final_logit_softcapping=final_logit_softcapping, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"][:num_layers] + ["full_attention"] * max(0, num_layers - 2),
+            **common,
+        )
+    elif family == "qwen3_moe":
+        # layer 0 dense MLP, the others sparse MoE (num_experts experts, top-2)
+        cfg = Qwen3MoeConfig(
+            head_dim=hidden_size // num_heads, num_experts=num_experts, num_experts_per_tok=2,
+            moe_intermediate_size=intermediate_size // 2, decoder_sparse_step=1, mlp_only_layers=[0],
+            output_router_logits=output_router_logits, router_aux_loss_coef=0.01, **common,
+        )
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
     torch.manual_seed(seed)

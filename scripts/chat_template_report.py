@@ -28,10 +28,13 @@ def main() -> None:
             except AssertionError as e:  # a wrong mask: the conformance test fails too
                 status, detail = "WRONG", str(e).splitlines()[0]
             counts[status] += 1
-            detail = detail.replace("|", "\\|").replace("\n", " ")
-            if status == "refused" and ": template " in detail:
-                detail = detail.split(": template ", 1)[0] + ": " + detail.split(": ", 2)[-1]
-            rows.append(f"| `{name}` | {status} | {detail} |")
+            detail = detail.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+            if status == "refused":  # "variant: template NAME: problem (...); what to do"
+                variant, _, msg = detail.partition(": template ")
+                problem = msg.split(": ", 1)[-1].split(" (")[0].split(";")[0]
+                why = conf.EXPECTED_REFUSALS.get(name, "NOT IN EXPECTED_REFUSALS")
+                detail = f"{variant}: {why}. Error: \"{problem}\""
+            rows.append(f"| `{name}` | {status} | {detail.replace('<', '&lt;')} |")
     print("| template | status | detail (conversation variant; span source / reason) |")
     print("|---|---|---|")
     print("\n".join(rows))

@@ -25,7 +25,7 @@ def _corpus():
 
 def _build(tmp_path_factory, family):
     base = tmp_path_factory.mktemp(f"tiny-{family}")
-    if family == "qwen3":
+    if family != "llama":
         tok = build_tokenizer(base / "tok", chat_template=CHATML_TEMPLATE, corpus=_corpus())
     else:
         tok = build_tokenizer(
@@ -50,6 +50,27 @@ def tiny_model(request) -> Path:
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """Gemma3ForCausalLM: tied embeddings, final_logit_softcapping=2, sliding + full attention."""
+    return _build(tmp_path_factory, "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    """Qwen3MoeForCausalLM: layer 0 dense, layer 1 with 4 experts (top-2), output_router_logits on."""
+    return _build(tmp_path_factory, "qwen3_moe")
+
+
+ALL_FAMILIES = ["qwen3", "llama", "gemma3", "qwen3_moe"]
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def any_family(request) -> tuple[str, Path]:
+    """(family name, tiny model dir) for every supported family."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
@@ -72,3 +93,14 @@ def job_dict(model_dir, data_path, out_dir, **sections) -> dict:
 def qa_to_messages(rec):
     """A user transform plugged in by import path in tests: {q, a} -> messages."""
     return {"messages": [{"role": "user", "content": rec["q"]}, {"role": "assistant", "content": rec["a"]}]}
+
+
+_seen = {"n": 0}
+
+
+def explode_on_third(rec):
+    """A transform that fails inside the background data thread."""
+    _seen["n"] += 1
+    if _seen["n"] == 3:
+        raise RuntimeError("boom on record 3")
+    return rec

@@ -3,7 +3,8 @@
 import pytest
 
 from posttrain.config import DataConfig, DataSource, ModelConfig
-from posttrain.data.records import BadRecord, load_samples
+from posttrain.data.loader import load_samples
+from posttrain.data.records import BadRecord
 from posttrain.data.tokenizer import load_tokenizer
 
 from conftest import write_jsonl
@@ -28,7 +29,7 @@ def tok(tiny_qwen3):
 
 
 def cfg(path, **kw):
-    return DataConfig(sources=[DataSource(path=str(path))], **kw)
+    return DataConfig(sources=[DataSource(path=str(path))], **{"shuffle": False, **kw})
 
 
 @pytest.mark.parametrize("i", range(len(BAD)))

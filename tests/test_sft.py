@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.cli import main, run_job
 from posttrain.config import JobConfig
-from posttrain.data.records import load_samples
+from posttrain.data.loader import load_samples
 from posttrain.data.tokenizer import load_tokenizer
 from posttrain.model.export import export_hf
 from posttrain.model.load import load_model
@@ -28,13 +28,13 @@ def data(tmp_path_factory):
 
 
 def test_loss_falls_and_export_round_trips(tiny_model, data, tmp_path):
-    res = run(job_dict(tiny_model, data, tmp_path / "run", train={"steps": 12, "lr": 3e-3}))
+    res = run(job_dict(tiny_model, data, tmp_path / "run", train={"steps": 24, "lr": 3e-3}))
     losses = res["losses"]
-    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 24 and losses[-1] < 0.8 * losses[0], losses
     out = tmp_path / "run"
-    assert (out / "config.yaml").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    assert (out / "config.yaml").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 24
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["train"]["steps"] == 12 and resolved["data"]["on_bad_record"] == "error"
+    assert resolved["train"]["steps"] == 24 and resolved["data"]["on_bad_record"] == "error"
     # plain transformers loads the export; vocab padded to 64; fingerprint recorded
     exported = AutoModelForCausalLM.from_pretrained(out / "hf")
     tok = AutoTokenizer.from_pretrained(out / "hf")

@@ -25,7 +25,7 @@ def add_sink(fn: Callable[[dict], None]) -> None:
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._fh = open(self.path, "a", buffering=1)
+        self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
         self.log_every = log_every
         self._progress = None
         if progress:
@@ -39,6 +39,8 @@ class MetricsLogger:
 
     def log(self, metrics: dict) -> None:
         metrics = {"time": round(time.perf_counter() - self._t0, 3), **metrics}
+        if self._fh is None:
+            self._fh = open(self.path, "a", buffering=1)
         self._fh.write(json.dumps(metrics) + "\n")
         for sink in _SINKS:
             sink(metrics)
@@ -52,4 +54,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()

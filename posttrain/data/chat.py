@@ -327,6 +327,13 @@ def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int
             f"template {info.name}: the masked span of assistant turn {turn} has no end-of-turn special token "
             f"({how}); the model would not learn to stop. Check that the end-of-turn marker is a special token"
         )
+    if not has_eot:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant turn {turn} is not closed by any special token ({how}): the template "
+            "writes no end-of-turn marker after the answer (e.g. GLM-4 ends a turn with the next turn's header, "
+            "and the last turn with nothing), so a model trained on it would never learn to stop. Use a template "
+            "that ends assistant turns with a special token (e.g. the TRL *_training variant with {% generation %})"
+        )
 
 
 def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> list[tuple[int, int]]:
@@ -375,7 +382,8 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                     "conversation (the template renders the turn differently when it is not the last one) and the "
                     "turn has no text content to locate it; use one sample per assistant turn"
                 )
-            end = _locate_turn_end(info, full, ids, offsets, start, pieces)
+            others = [t for j, m in enumerate(messages) if j != i for t in _content_texts(m)]
+            end = _locate_turn_end(info, full, ids, offsets, start, pieces, others)
             if end is None:
                 raise ChatTemplateError(
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
@@ -393,7 +401,7 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
     return spans, hows
 
 
-def _locate_turn_end(info, full, ids, offsets, start, pieces) -> int | None:
+def _locate_turn_end(info, full, ids, offsets, start, pieces, others) -> int | None:
     """End char of the first special token after the turn's content, when the content follows `start`
     without any special token in between (so we cannot run into another turn)."""
     pos = start
@@ -402,8 +410,14 @@ def _locate_turn_end(info, full, ids, offsets, start, pieces) -> int | None:
         if k < 0:
             return None
         pos = k + len(piece)
-    between = _tokens_overlapping(offsets, start, pos)
-    if any(ids[t] in info.special_ids for t in range(*between)):
+    # Between the generation prompt and the content there may be the template's own in-turn markup
+    # (Qwen3's <think></think>, GPT-OSS's <|channel|>final<|message|>), but never an end-of-turn token
+    # or another message's text: that would mean we ran into a different turn.
+    a, b = _tokens_overlapping(offsets, start, full.find(pieces[0], start))
+    if any(ids[t] in info.eot_ids for t in range(a, b)):
+        return None
+    between = full[start:full.find(pieces[0], start)]
+    if any(o and o in between for o in others):
         return None
     for t, (s, e) in enumerate(offsets):
         if s >= pos and ids[t] in info.special_ids:

@@ -8,14 +8,9 @@ reason; `on_bad_record: error` stops the job with it, `skip` counts it per reaso
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
-import fsspec
-
-from ..config import ConfigError, DataConfig, resolve_import_path
 from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
 
 
@@ -25,10 +20,12 @@ class BadRecord(ValueError):
         self.where, self.reason, self.detail = where, reason, detail
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sample:
-    input_ids: list[int]
-    labels: list[int]  # -100 where no loss
+    """Immutable, so loader state snapshots can share samples instead of copying them."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # -100 where no loss
     where: str  # file:line, for error messages
 
 
@@ -39,38 +36,12 @@ class RecordStats:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def copy(self) -> "RecordStats":
+        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped))
+
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated; skipped: {skipped}"
-
-
-def read_jsonl(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
-    """Yield (file:line, record or BadRecord) for every non-empty line of a (local or remote) JSONL file."""
-    try:
-        files = fsspec.open_files(path, "rt", encoding="utf-8", compression="infer", expand=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.sources: cannot open {path!r}: {e}") from e
-    if not files:
-        raise ConfigError(f"data.sources: {path!r} matches no file")
-    for f in files:
-        try:
-            fh = f.open()
-        except FileNotFoundError as e:
-            raise ConfigError(f"data.sources: no such file {f.path!r}") from e
-        with fh:
-            for lineno, line in enumerate(fh, 1):
-                where = f"{f.path}:{lineno}"
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, BadRecord(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(rec, dict):
-                    yield where, BadRecord(where, "not_an_object", f"expected a JSON object, got {type(rec).__name__}")
-                    continue
-                yield where, rec
 
 
 def _check_messages(msgs) -> str | None:
@@ -115,37 +86,7 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
     except ChatTemplateError as e:
         raise BadRecord(where, "template", str(e)) from e
     labels = [t if m else -100 for t, m in zip(enc.input_ids, enc.loss_mask)]
-    return Sample(list(enc.input_ids), labels, where)
-
-
-def load_samples(cfg: DataConfig, tokenizer, stats: RecordStats | None = None) -> tuple[list[Sample], RecordStats]:
-    """Read and tokenize every source under the bad-record and overlong policies."""
-    stats = stats or RecordStats()
-    transform: Callable | None = resolve_import_path(cfg.transform, key="data.transform") if cfg.transform else None
-    samples = []
-    for src in cfg.sources:
-        for where, rec in read_jsonl(src.path):
-            stats.seen += 1
-            try:
-                if isinstance(rec, BadRecord):
-                    raise rec
-                if transform is not None:
-                    rec = transform(rec)
-                    if rec is None:
-                        stats.skipped["filtered"] += 1
-                        continue
-                sample = encode_record(tokenizer, rec, where, cfg.format)
-                sample = fit_length(sample, cfg.max_seq_len, cfg.overlong, stats)
-            except BadRecord as bad:
-                if cfg.on_bad_record == "error":
-                    raise BadRecord(bad.where, bad.reason, bad.detail + " (data.on_bad_record: error; set it to 'skip' to count and skip such records)") from None
-                stats.skipped[bad.reason] += 1
-                continue
-            stats.kept += 1
-            samples.append(sample)
-    if not samples:
-        raise ConfigError(f"data.sources: no usable sample ({stats.summary()})")
-    return samples, stats
+    return Sample(tuple(enc.input_ids), tuple(labels), where)
 
 
 def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Sample:

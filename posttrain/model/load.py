@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import ConfigError, ModelConfig
+from .attention import NAME, check_document_isolation, default_attention
 
 
 def load_model(
@@ -15,20 +18,33 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     merge_lora: bool = True,
+    packing: bool = False,
 ) -> torch.nn.Module:
     """`merge_lora` is export.merge_lora: an adapter-only export is refused up front (before any
-    training) when the vocabulary had to be resized."""
+    training) when the vocabulary had to be resized. `packing`: the attention backend is probed and
+    refused if it lets packed documents see each other (fail closed)."""
+    attn = default_attention(device) if cfg.attn_implementation == "auto" else cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attn,
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load a causal LM from {cfg.path!r}: {e}") from e
     model.config.use_cache = False
+    from .families import check_supported
+
+    check_supported(model, allow_unverified=cfg.allow_unverified)
+    text_cfg = model.config.get_text_config()
+    if cfg.output_router_logits is not None:
+        text_cfg.output_router_logits = cfg.output_router_logits
+    if cfg.router_aux_loss_coef is not None:
+        text_cfg.router_aux_loss_coef = cfg.router_aux_loss_coef
+        if hasattr(model, "router_aux_loss_coef"):  # transformers copies it onto the module at init
+            model.router_aux_loss_coef = cfg.router_aux_loss_coef
     base_rows = model.get_input_embeddings().weight.shape[0]
     rows = resize_vocab(model, tokenizer, multiple_of=cfg.pad_vocab_to_multiple_of, init=cfg.new_embedding_init)
     if cfg.lora is not None and not merge_lora and rows != base_rows:
@@ -43,7 +59,20 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = apply_lora(model, cfg)
+    if packing:
+        check_packing_support(model, attn, len(tokenizer), dtype)
     return model
+
+
+def check_packing_support(model: torch.nn.Module, attn: str, vocab_size: int, dtype: torch.dtype) -> None:
+    diff = check_document_isolation(model, vocab_size)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    if not diff <= tol:
+        raise ConfigError(
+            f"model.attn_implementation: {attn!r} does not isolate packed documents (a document's logits "
+            f"change by {diff:.3g} when another is packed before it). Use attn_implementation: auto "
+            f"({NAME} on CPU, flash_attention_2 on GPU), sdpa or flex_attention, or set data.packing: false."
+        )
 
 
 def resize_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, multiple_of: int, init: str) -> int:
@@ -62,18 +91,31 @@ def resize_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, 
 def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    from .families import family_of, lora_targets
+
     lc = cfg.lora
+    fam = family_of(model)
+    modules, params = lc.target_modules, None
+    if modules is None:
+        if fam is None and lc.target is None and not lc.experts:
+            modules = "all-linear"  # unverified family (model.allow_unverified), no roles given
+        else:
+            modules, params = lora_targets(model, fam, lc.target or ["attention", "mlp"], lc.experts, explicit=lc.target is not None)
+    key = "target_modules" if lc.target_modules is not None else "target"
     try:
         peft_cfg = LoraConfig(
             r=lc.rank,
             lora_alpha=lc.alpha,
             lora_dropout=lc.dropout,
-            target_modules=lc.target_modules,
+            target_modules=modules,
+            target_parameters=params or None,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # peft's own rank/alpha patterns for fused expert params
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module")
+            return get_peft_model(model, peft_cfg)
     except ValueError as e:
-        raise ConfigError(f"model.lora.target_modules: {e}") from e
+        raise ConfigError(f"model.lora.{key}: {e}") from e
 
 
 def unwrap(model: torch.nn.Module) -> PreTrainedModel:

@@ -1,68 +1,362 @@
-"""Losses computed outside the model.
+"""Losses computed outside the model, with the output head applied in chunks.
 
 Run the decoder to hidden states, keep only the positions that predict a target (label != -100
-after the causal shift), apply the output head to those alone, and sum the cross-entropy in fp32.
-The recipe divides the sum by the target-token count of the whole optimizer step, so the loss is a
-token-mean over the step whatever the micro-batching (no mean-of-means bias).
+after the causal shift), and apply the output head to those alone, `chunk_tokens` rows at a time:
+the full [tokens, vocab] logits tensor never exists, neither in the forward nor in the backward.
 
-Padded vocabulary rows (ids >= the tokenizer's length) are cut from the logits: they are never
-targets and take no probability mass, exactly as at sampling time where they are suppressed.
+Two ways to get there, chosen per call:
+- fused (cross-entropy with a plain `nn.Linear` head, the SFT hot path): a custom autograd function
+  computes, chunk by chunk, the CE sum *and* its gradients w.r.t. the hidden states and the head
+  weight (softmax - onehot), so backward only scales stored gradients. Same matmul count as the
+  naive path (3), memory: one chunk of logits plus the [vocab, hidden] weight gradient.
+- generic (log-probs, distillation, any loss; a LoRA-wrapped or custom head): every chunk runs under
+  `torch.utils.checkpoint(use_reentrant=False)`: its logits are dropped after the forward and
+  recomputed, one chunk at a time, in the backward.
+
+Family specifics live in `head_logits`: final logit soft-capping (Gemma), tied embeddings (the head
+module *is* the embedding matrix, gradients accumulate into it), LoRA on the head (the peft module is
+called as is), and padded vocabulary rows (ids >= the tokenizer's length) are cut: never targets,
+no probability mass, exactly as at sampling time where they are suppressed.
+
+The recipe divides the CE sum by the target-token count of the whole optimizer step, so the loss is
+a token-mean over the step whatever the micro-batching (no mean-of-means bias). MoE router
+load-balancing loss: see `backward_token_mean`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .load import unwrap
 
 IGNORE = -100
+# auto chunk size: about this many bytes of fp32 logits per chunk
+AUTO_CHUNK_BYTES = 256 * 2**20
 
 
 def count_targets(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE).sum())
 
 
-def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about 256 MiB (a power of two, >= 64):
+    2048 at a 32k vocabulary, 256 at 152k / 256k."""
+    rows = AUTO_CHUNK_BYTES // (4 * max(vocab_size, 1))
+    return max(64, 2 ** int(math.log2(max(rows, 1))))
+
+
+def _chunk(chunk_tokens: int | None, vocab_size: int) -> int:
+    return int(chunk_tokens) if chunk_tokens else auto_chunk_tokens(vocab_size)
+
+
+# ------------------------------------------------------------------------------------- decoder
+def decoder_outputs(model: torch.nn.Module, batch: dict, *, router_logits: bool = False):
+    """The decoder's output (last_hidden_state, and router_logits for an MoE model when asked)."""
     decoder = unwrap(model).get_decoder()
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+    if router_logits:
+        kwargs["output_router_logits"] = True
+    return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs)
+
+
+def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return decoder_outputs(model, batch).last_hidden_state
+
+
+def select_targets(batch: dict, hidden: torch.Tensor, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N, H] of the positions that predict a target, and those targets [N]."""
+    labels = batch["labels"][:, 1:]
+    sel = labels != IGNORE
+    targets = labels[sel]
+    if vocab_size is not None and targets.numel() and int(targets.max()) >= vocab_size:
+        raise ValueError(f"a label id >= the real vocabulary size {vocab_size}: padded rows are never targets")
+    return hidden[:, :-1][sel], targets
+
+
+# ------------------------------------------------------------------------------------- the head
+def _softcap(model: torch.nn.Module) -> float | None:
+    return getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None) or None
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """Output head on selected hidden states -> fp32 logits over the real vocabulary."""
+    """Output head on (a chunk of) selected hidden states -> fp32 logits over the real vocabulary."""
     base = unwrap(model)
     logits = base.get_output_embeddings()(hidden).float()
-    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    cap = _softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits[..., :vocab_size] if vocab_size is not None else logits
 
 
-def ce_sum(model: torch.nn.Module, batch: dict, vocab_size: int | None = None) -> tuple[torch.Tensor, int]:
+def _real_vocab(model: torch.nn.Module, vocab_size: int | None) -> int:
+    rows = unwrap(model).get_output_embeddings().weight.shape[0]
+    return rows if vocab_size is None else min(int(vocab_size), rows)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """sum_i CE(softcap(h_i W[:V]^T + b[:V]), y_i), chunk by chunk, gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, vocab, cap, chunk, want_h, want_w, want_b):
+        W = weight[:vocab]
+        b = bias[:vocab] if bias is not None else None
+        acc = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+        gh = torch.empty_like(hidden) if want_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        gb = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s : s + chunk], targets[s : s + chunk]
+            z = F.linear(h, W, b).float()
+            t = None
+            if cap:
+                t = torch.tanh(z.div_(cap))
+                z = t * cap
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+            if cap:
+                g.mul_(1.0 - t * t)  # d/dz cap*tanh(z/cap)
+            del t
+            if want_h:
+                gh[s : s + chunk] = (g.to(W.dtype) @ W).to(hidden.dtype)
+            if want_w:
+                gw[:vocab].addmm_(g.t().to(acc), h.to(acc))
+            if want_b:
+                gb[:vocab] += g.sum(0).to(acc)
+            del g, z
+        ctx.grads = (gh, gw, gb)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw, gb = ctx.grads
+        del ctx.grads
+        hd, wd, bd = ctx.dtypes
+        one = bool(grad_out == 1)  # the usual case: hand the stored tensors over, no copy
+        scale = (lambda g, d: g.to(d) if one else (g * grad_out).to(d))
+        return (
+            scale(gh, hd) if gh is not None else None,
+            scale(gw, wd) if gw is not None else None,
+            scale(gb, bd) if gb is not None else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def chunked_ce_sum(
+    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
+    *, chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Sum over rows of CE(head(hidden_i), targets_i) in fp32, never holding more than one chunk of
+    logits. `hidden` [N, H] are already-selected positions. Fused path for a plain nn.Linear head,
+    per-chunk checkpointing otherwise (LoRA on the head, custom heads)."""
+    V = _real_vocab(model, vocab_size)
+    chunk = _chunk(chunk_tokens, V)
+    if hidden.shape[0] == 0:
+        return hidden.sum(dtype=torch.float32) * 0.0
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        w, b = head.weight, head.bias
+        grad = torch.is_grad_enabled()
+        want = (grad and hidden.requires_grad, grad and w.requires_grad, grad and b is not None and b.requires_grad)
+        return _FusedLinearCE.apply(hidden, w, b, targets, V, _softcap(model), chunk, *want)
+    return chunked_apply(
+        model, hidden, lambda logits, y: F.cross_entropy(logits, y, reduction="sum"), vocab_size=V,
+        chunk_tokens=chunk, extras=(targets,),
+    )
+
+
+def chunked_apply(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    fn: Callable[..., torch.Tensor],
+    *,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+    extras: Sequence[torch.Tensor] = (),
+    cat: bool = False,
+) -> torch.Tensor:
+    """The generic chunked primitive: for each chunk of rows, `fn(logits_chunk, *extras_chunk)` where
+    logits are fp32 over the real vocabulary (softcapped). Results are summed (scalars) or, with
+    `cat=True`, concatenated (per-row tensors). Each chunk runs under non-reentrant activation
+    checkpointing when gradients are on, so only one chunk's logits are alive, forward or backward."""
+    V = _real_vocab(model, vocab_size)
+    chunk = _chunk(chunk_tokens, V)
+
+    def one(h, *ex):
+        return fn(head_logits(model, h, V), *ex)
+
+    outs = []
+    for s in range(0, hidden.shape[0], chunk):
+        args = (hidden[s : s + chunk], *(e[s : s + chunk] for e in extras))
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(one, *args, use_reentrant=False))
+        else:
+            outs.append(one(*args))
+    if not outs:
+        return hidden.new_zeros((0,), dtype=torch.float32) if cat else hidden.sum(dtype=torch.float32) * 0.0
+    return torch.cat(outs) if cat else torch.stack(outs).sum()
+
+
+def _gather_logprobs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
+    *, chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """log p(targets_i | hidden_i) [N] in fp32, chunked (for DPO, RL, distillation, verification)."""
+    return chunked_apply(model, hidden, _gather_logprobs, vocab_size=vocab_size, chunk_tokens=chunk_tokens,
+                         extras=(targets,), cat=True)
+
+
+def batch_logprobs(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target-token log-probs of a batch (decoder -> select label != -100 -> chunked head), and
+    the boolean [B, T-1] mask telling where they sit."""
+    hidden, targets = select_targets(batch, hidden_states(model, batch), vocab_size)
+    return token_logprobs(model, hidden, targets, vocab_size, chunk_tokens=chunk_tokens), batch["labels"][:, 1:] != IGNORE
+
+
+def teacher_head(teacher: torch.nn.Module, teacher_hidden: torch.Tensor, vocab_size: int | None = None) -> Callable[[slice], torch.Tensor]:
+    """`rows -> teacher logits` for `chunked_distill`, computed without gradients, chunk by chunk."""
+
+    def logits(rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return head_logits(teacher, teacher_hidden[rows], vocab_size)
+
+    return logits
+
+
+def chunked_distill(
+    student: torch.nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_logits: Callable[[slice], torch.Tensor] | torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+    extras: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """Sum over chunks of `loss_fn(student_logits, teacher_logits, *extras_chunk)`.
+
+    `teacher_logits` is either a function of a row slice (e.g. `teacher_head(teacher, t_hidden)`,
+    so the teacher's logits are also materialised one chunk at a time) or a precomputed [N, V]
+    tensor. Both logits are fp32 over the real vocabulary; `loss_fn` returns a scalar (a sum, so the
+    caller can divide by the step's token count). Student chunks are checkpointed."""
+    V = _real_vocab(student, vocab_size)
+    chunk = _chunk(chunk_tokens, V)
+    rows = torch.arange(student_hidden.shape[0], device=student_hidden.device)
+
+    def one(h, r, *ex):
+        sl = slice(int(r[0]), int(r[-1]) + 1)
+        t = teacher_logits(sl) if callable(teacher_logits) else teacher_logits[sl]
+        return loss_fn(head_logits(student, h, V), t.float()[..., :V], *ex)
+
+    total = student_hidden.sum(dtype=torch.float32) * 0.0
+    for s in range(0, student_hidden.shape[0], chunk):
+        args = (student_hidden[s : s + chunk], rows[s : s + chunk], *(e[s : s + chunk] for e in extras))
+        total = total + (checkpoint(one, *args, use_reentrant=False) if torch.is_grad_enabled() else one(*args))
+    return total
+
+
+# ------------------------------------------------------------------------------------- MoE aux
+def router_aux_settings(model: torch.nn.Module) -> tuple[bool, float]:
+    """(enabled, coefficient) of the router load-balancing loss, from the model config."""
+    cfg = unwrap(model).config.get_text_config()
+    on = bool(getattr(cfg, "output_router_logits", False)) and getattr(cfg, "num_experts", None) is not None
+    return on, float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, as transformers' Qwen3-MoE computes it
+    (`load_balancing_loss_func`): num_experts * sum_e f_e * P_e, f_e the fraction of top-k
+    assignments routed to expert e and P_e its mean router probability, over all layers' (non-padding)
+    rows. Re-implemented so it is computed from the decoder's router logits on our path."""
+    dev = router_logits[0].device
+    f = torch.zeros(num_experts, dtype=torch.float32, device=dev)
+    p = torch.zeros(num_experts, dtype=torch.float32, device=dev)
+    rows = torch.zeros((), dtype=torch.float32, device=dev)
+    m = attention_mask.reshape(-1).to(dev, torch.float32) if attention_mask is not None else None
+    for layer in router_logits:
+        probs = torch.softmax(layer.float(), dim=-1)
+        top = torch.topk(probs, top_k, dim=-1).indices
+        w = m if m is not None else torch.ones(probs.shape[0], device=dev)
+        f = f + torch.zeros(num_experts, device=dev).scatter_add_(0, top.reshape(-1), w.repeat_interleave(top_k))
+        p = p + (probs * w[:, None]).sum(0)
+        rows = rows + w.sum()
+    return num_experts * torch.sum((f / rows) * (p / rows))
+
+
+# ------------------------------------------------------------------------------------- the loss
+@dataclass
+class LossParts:
+    ce_sum: torch.Tensor  # fp32 sum of CE over target tokens
+    n_targets: int
+    aux: torch.Tensor | None = None  # router load-balancing loss of this micro-batch (a mean), if any
+
+
+def lm_loss(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, chunk_tokens: int | None = None) -> LossParts:
+    aux_on, _ = router_aux_settings(model)
+    out = decoder_outputs(model, batch, router_logits=aux_on)
+    hidden, targets = select_targets(batch, out.last_hidden_state, vocab_size)
+    ce = chunked_ce_sum(model, hidden, targets, vocab_size, chunk_tokens=chunk_tokens)
+    aux = None
+    if aux_on and getattr(out, "router_logits", None):
+        cfg = unwrap(model).config.get_text_config()
+        aux = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, batch.get("attention_mask"))
+    return LossParts(ce, int(targets.numel()), aux)
+
+
+def ce_sum(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target positions, and their count."""
-    labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    n = int(sel.sum())
-    if vocab_size is not None and n and int(labels[sel].max()) >= vocab_size:
-        raise ValueError(f"a label id >= the real vocabulary size {vocab_size}: padded rows are never targets")
-    hidden = hidden_states(model, batch)[:, :-1][sel]
-    logits = head_logits(model, hidden, vocab_size)
-    return F.cross_entropy(logits, labels[sel], reduction="sum"), n
+    parts = lm_loss(model, batch, vocab_size, chunk_tokens=chunk_tokens)
+    return parts.ce_sum, parts.n_targets
 
 
-def backward_token_mean(model: torch.nn.Module, micro_batches: list[dict], vocab_size: int | None = None) -> tuple[float, int]:
+def backward_token_mean(
+    model: torch.nn.Module, micro_batches: list[dict], vocab_size: int | None = None, *,
+    chunk_tokens: int | None = None, metrics: dict | None = None,
+) -> tuple[float, int]:
     """Backward the token-mean CE of an optimizer step made of several micro-batches.
 
     Each micro-batch's CE *sum* is divided by the target count N of the whole step before its
     backward, so the accumulated gradient is that of sum(all CE) / N: identical to one big batch,
     however the tokens are split. Returns (loss value, N).
+
+    MoE: when the model config has `output_router_logits`, the router load-balancing loss of each
+    micro-batch j (a mean over its rows, as transformers computes it) is added with weight
+    coef * n_j / N (n_j its target tokens): the step loss is CE_mean + coef * (token-weighted mean of
+    the micro-batch aux losses), which for a single micro-batch is exactly transformers'
+    `CE_mean + router_aux_loss_coef * aux_loss`. `metrics` (if given) receives `ce_loss` and `aux_loss`.
     """
     n = sum(count_targets(mb["labels"]) for mb in micro_batches)
-    total = 0.0
+    _, coef = router_aux_settings(model)
+    total = ce_total = aux_total = 0.0
+    has_aux = False
     for mb in micro_batches:
-        loss_sum, _ = ce_sum(model, mb, vocab_size)
-        loss = loss_sum / max(n, 1)
+        parts = lm_loss(model, mb, vocab_size, chunk_tokens=chunk_tokens)
+        loss = parts.ce_sum / max(n, 1)
+        ce_total += loss.item()
+        if parts.aux is not None:
+            has_aux = True
+            w = parts.n_targets / max(n, 1)
+            loss = loss + coef * w * parts.aux
+            aux_total += w * parts.aux.item()
         loss.backward()
         total += loss.item()
+    if metrics is not None:
+        metrics["ce_loss"] = ce_total
+        if has_aux:
+            metrics["aux_loss"] = aux_total
     return total, n

@@ -1,8 +1,10 @@
 """Supervised fine-tuning, single process.
 
     tokenizer  <- the model's own, plus pad / added tokens
-    samples    <- records rendered with the chat template, assistant-only labels
-    model      <- HF causal LM, vocab padded to a multiple of 64, optional LoRA / checkpointing
+    data       <- streamed records, rendered with the chat template (assistant-only labels),
+                  packed into fixed token budgets in a background thread
+    model      <- HF causal LM, vocab padded to a multiple of 64, optional LoRA / checkpointing;
+                  packed rows need an attention backend that isolates documents (checked)
     for step in 1..S:
         micro-batches b_1..b_k                    (k = train.grad_accum)
         N      = target tokens in b_1..b_k        (the whole optimizer step)
@@ -13,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -23,8 +24,7 @@ from ..compute.device import choose_device, choose_dtype, seed_everything
 from ..compute.metrics import MetricsLogger, console
 from ..compute.optim import build_optimizer, build_scheduler
 from ..config import JobConfig
-from ..data.batches import PaddedBatches
-from ..data.records import load_samples
+from ..data.loader import DataLoader
 from ..data.tokenizer import fingerprint, load_tokenizer
 from ..model.export import export_hf
 from ..model.load import load_model
@@ -40,30 +40,31 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     dtype = choose_dtype(cfg.model.dtype, device)
 
     tokenizer = load_tokenizer(cfg.model)
-    samples, stats = load_samples(cfg.data, tokenizer)
-    console.print(stats.summary())
-    batches = PaddedBatches(
-        samples, max_tokens=cfg.data.max_tokens_per_batch, pad_id=tokenizer.pad_token_id,
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-    )
-    model = load_model(cfg.model, tokenizer, device=device, dtype=dtype, merge_lora=cfg.export.merge_lora)
+    model = load_model(cfg.model, tokenizer, device=device, dtype=dtype, merge_lora=cfg.export.merge_lora, packing=cfg.data.packing)
     model.train()
     vocab = len(tokenizer)  # real vocabulary; rows beyond it are padding
+    loader = DataLoader(cfg.data, tokenizer, seed=cfg.train.seed)
 
-    steps = cfg.train.steps or cfg.train.epochs * math.ceil(batches.micro_batches_per_epoch() / cfg.train.grad_accum)
+    steps = cfg.train.steps
     opt = build_optimizer(model, cfg.train)
     sched = build_scheduler(opt, cfg.train, steps)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}; {steps} steps")
+    attn = model.config._attn_implementation
+    console.print(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}, attention {attn}; {steps} steps")
 
     log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every)
     losses = []
     try:
         for step in range(1, steps + 1):
-            t0 = time.perf_counter()
-            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.train.grad_accum)]
-            step_loss, n_targets = backward_token_mean(model, micro, vocab)
+            t0, wait0 = time.perf_counter(), loader.wait_s
+            micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+            if not micro:
+                console.print(f"[yellow]data exhausted after {step - 1} steps (data.max_epochs={cfg.data.max_epochs})")
+                break
+            micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+            loss_parts: dict = {}  # ce_loss, and aux_loss (MoE router load balancing) when enabled
+            step_loss, n_targets = backward_token_mean(model, micro, vocab, chunk_tokens=cfg.model.loss_chunk_tokens, metrics=loss_parts)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
                 if cfg.train.max_grad_norm
@@ -74,21 +75,25 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            real_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            real = sum(b["num_tokens"] for b in micro)
+            slots = sum(b["input_ids"].numel() for b in micro)
             losses.append(step_loss)
             log.log({
-                "step": step, "epoch": batches.epoch, "loss": step_loss, "lr": lr,
+                "step": step, "epoch": micro[-1]["epoch"], "loss": step_loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "target_tokens": n_targets, "tokens_per_s": real_tokens / dt, "step_time_s": dt,
+                "target_tokens": n_targets, "tokens_per_s": real / dt, "step_time_s": dt,
+                "data_wait": (loader.wait_s - wait0) / dt, "padding": 1 - real / slots, **loss_parts,
             })
     finally:
         log.close()
+        loader.close()
+    console.print(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
 
-    result = {"steps": steps, "losses": losses, "run_dir": str(run_dir)}
+    result = {"steps": len(losses), "losses": losses, "run_dir": str(run_dir)}
     if cfg.export.enabled:
         out = export_hf(
             model, tokenizer, run_dir / "hf", merge_lora=cfg.export.merge_lora,
-            meta={"base_model": cfg.model.path, "steps": steps},
+            meta={"base_model": cfg.model.path, "steps": len(losses)},
         )
         result["export_dir"] = str(out)
         console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(tokenizer)[:12]})")

@@ -1,0 +1,212 @@
+"""The stateful data loader the recipe iterates: sources -> mixer -> records -> samples -> packer.
+
+A background thread prepares micro-batches into a bounded queue, so reading, chat rendering,
+tokenization and packing overlap the model's compute. Each batch travels with a snapshot of the
+producer's state taken right after it was made (source cursors, mixer RNG, packer buffer, record
+counts); `state_dict()` returns the snapshot of the last batch the trainer *consumed*, so restoring
+it in a fresh process continues with exactly the next batch. An exception in the thread is raised
+in the training loop, with its original traceback.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from ..config import ConfigError, DataConfig, resolve_import_path
+from .mixer import Mixer
+from .packing import make_batch
+from .records import BadRecord, RecordStats, Sample, encode_record, fit_length
+from .sources import Source, parse_record
+
+
+class SampleStream:
+    """Synchronous: mixer -> parse -> transform -> encode -> length policy, with the bad-record policy."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        sources = [
+            Source(s.path, seed=seed, rank=rank, world_size=world_size, shuffle=cfg.shuffle,
+                   window=cfg.shuffle_window, storage_options=cfg.storage_options)
+            for s in cfg.sources
+        ]
+        self.mixer = Mixer(sources, [s.weight for s in cfg.sources], seed=seed, on_exhausted=cfg.on_exhausted, max_epochs=cfg.max_epochs)
+        self.transform: Callable | None = resolve_import_path(cfg.transform, key="data.transform") if cfg.transform else None
+        self.max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
+        self.stats = RecordStats()
+
+    def next(self) -> Sample | None:
+        while True:
+            item = self.mixer.next()
+            if item is None:
+                return None
+            _, where, raw = item
+            self.stats.seen += 1
+            try:
+                sample = self._encode(where, raw)
+            except BadRecord as bad:
+                if self.cfg.on_bad_record == "error":
+                    raise BadRecord(bad.where, bad.reason, bad.detail + " (data.on_bad_record: error; set it to 'skip' to count and skip such records)") from None
+                self.stats.skipped[bad.reason] += 1
+                continue
+            if sample is None:
+                self.stats.skipped["filtered"] += 1
+                continue
+            self.stats.kept += 1
+            return sample
+
+    def _encode(self, where: str, raw: Any) -> Sample | None:
+        try:
+            rec = parse_record(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRecord(where, "invalid_json", f"invalid JSON ({getattr(e, 'msg', e)}{f' at column {e.colno}' if hasattr(e, 'colno') else ''})") from None
+        if not isinstance(rec, dict):
+            raise BadRecord(where, "not_an_object", f"expected a JSON object, got {type(rec).__name__}")
+        if self.transform is not None:
+            rec = self.transform(rec)
+            if rec is None:
+                return None
+        return fit_length(encode_record(self.tokenizer, rec, where, self.cfg.format), self.max_len, self.cfg.overlong, self.stats)
+
+    def epoch(self) -> int:
+        return max(s.cursor.epoch for s in self.mixer.sources)
+
+    def state_dict(self) -> dict:
+        return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixer.load_state_dict(state["mixer"])
+        self.stats = state["stats"].copy()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+class DataLoader:
+    """Endless (or until the data runs out) iterator of micro-batch dicts, with exact state."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1, background: bool = True):
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token (posttrain.data.tokenizer.load_tokenizer adds one)")
+        self.cfg, self.pad_id, self.background = cfg, tokenizer.pad_token_id, background
+        self.stream = SampleStream(cfg, tokenizer, seed=seed, rank=rank, world_size=world_size)
+        self.buffer: list[Sample] = []
+        self.wait_s = 0.0  # time the consumer spent blocked on data
+        self._state = self._snapshot()
+        self._thread: threading.Thread | None = None
+        self._q: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._ended = False
+
+    # ---------------------------------------------------------------------------- producer
+    def _produce(self) -> dict | None:
+        while len(self.buffer) < self.cfg.buffer_size:
+            s = self.stream.next()
+            if s is None:
+                break
+            self.buffer.append(s)
+        if not self.buffer:
+            return None
+        batch, self.buffer = make_batch(self.buffer, budget=self.cfg.max_tokens_per_batch, pad_id=self.pad_id, packing=self.cfg.packing)
+        batch["epoch"] = self.stream.epoch()
+        return batch
+
+    def _snapshot(self) -> dict:
+        return {"stream": self.stream.state_dict(), "buffer": list(self.buffer)}
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self._produce()
+                item = (batch, self._snapshot()) if batch is not None else _END
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item is _END:
+                    return
+        except BaseException as e:  # surfaces in the training loop, never dies silently
+            self._q.put(_Failure(e))
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._q = queue.Queue(maxsize=self.cfg.prefetch)
+        self._thread = threading.Thread(target=self._run, name="posttrain-data", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread = None
+
+    # ---------------------------------------------------------------------------- consumer
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._ended:
+            raise StopIteration
+        if not self.background:
+            batch = self._produce()
+            if batch is None:
+                self._ended = True
+                raise StopIteration
+            self._state = self._snapshot()
+            return batch
+        if self._thread is None:
+            self._start()
+        t0 = time.perf_counter()
+        item = self._q.get()
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        if item is _END:
+            self._ended = True
+            self.close()
+            raise StopIteration
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict:
+        """State after the last consumed batch (plain python objects; pickle/torch.save it)."""
+        return {"stream": self._state["stream"], "buffer": list(self._state["buffer"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.stream.load_state_dict(state["stream"])
+        self.buffer = list(state["buffer"])
+        self._state = self._snapshot()
+        self._ended = False
+
+    @property
+    def stats(self) -> RecordStats:
+        return self._state["stream"]["stats"]
+
+    def proportions(self) -> dict[str, float]:
+        counts = self._state["stream"]["mixer"]["counts"]
+        total = sum(counts) or 1
+        return {s.path: round(c / total, 4) for s, c in zip(self.cfg.sources, counts)}
+
+
+def load_samples(cfg: DataConfig, tokenizer, *, seed: int = 0) -> tuple[list[Sample], RecordStats]:
+    """Every sample of one pass over the sources, in streaming order (for tests and small tools)."""
+    stream = SampleStream(cfg.model_copy(update={"max_epochs": 1}), tokenizer, seed=seed)
+    samples = []
+    while (s := stream.next()) is not None:
+        samples.append(s)
+    return samples, stream.stats
