@@ -55,6 +55,17 @@ def test_source_streams_globs_and_gzip_shards_and_resumes(tmp_path):
     assert sorted(e1 := drain(src)) == list(range(40)) and e1 != order  # reshuffled per epoch
 
 
+def test_zstd_source(tmp_path):
+    zstd = pytest.importorskip("zstandard")
+    data = "".join(json.dumps({"i": i}) + "\n" for i in range(12)).encode()
+    (tmp_path / "z.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(data))
+    src = Source(str(tmp_path / "z.jsonl.zst"), window=5)
+    head = [json.loads(src.next()[1])["i"] for _ in range(7)]
+    again = Source(str(tmp_path / "z.jsonl.zst"), window=5)
+    again.load_state_dict(src.state_dict())
+    assert sorted(head + drain(again)) == list(range(12))
+
+
 def test_source_errors_name_the_url(tmp_path):
     with pytest.raises(ConfigError, match="nope.jsonl"):
         Source(str(tmp_path / "nope.jsonl"))

@@ -13,6 +13,7 @@ naming the URL.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import time
@@ -106,7 +107,9 @@ class Source:
 
     def _open(self, url: str):
         def op():
-            return fsspec.open(url, "rb", compression="infer", **self._fs_kwargs()).open()
+            f = fsspec.open(url, "rb", compression="infer", **self._fs_kwargs()).open()
+            # zstd's decompression reader has read/readinto but no readline: buffer it
+            return f if isinstance(f, io.BufferedIOBase) or hasattr(f, "peek") else io.BufferedReader(f)
 
         try:
             return with_retries(op, url)

@@ -118,11 +118,14 @@ class _FusedLinearCE(torch.autograd.Function):
             if cap:
                 t = torch.tanh(z.div_(cap))
                 z = t * cap
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            zy = z.gather(1, y[:, None]).squeeze(1)
+            m = z.amax(dim=-1, keepdim=True)
+            e = z.sub_(m).exp_()  # in place of the logits: one exp pass serves the loss and the softmax
+            s_ = e.sum(dim=-1, keepdim=True)
+            total += (s_.log() + m).squeeze(1).sub_(zy).sum()
             if not (want_h or want_w or want_b):
                 continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g = e.div_(s_)  # softmax
             g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
             if cap:
                 g.mul_(1.0 - t * t)  # d/dz cap*tanh(z/cap)
@@ -133,7 +136,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 gw[:vocab].addmm_(g.t().to(acc), h.to(acc))
             if want_b:
                 gb[:vocab] += g.sum(0).to(acc)
-            del g, z
+            del g, z, e
         ctx.grads = (gh, gw, gb)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
