@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .compute.checkpoint import CheckpointError, find_latest
 from .config import RECIPES, ConfigError, JobConfig, dump_config, load_config, resolve_import_path
 
 
@@ -18,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, typed like the file")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run in compute.output_dir")
+    r.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint dir (default: the newest in output_dir)")
     v = sub.add_parser("validate", help="check a job file (types, keys, import paths) without running it")
     v.add_argument("job", nargs="?", help="job YAML file")
     v.add_argument("overrides", nargs="*")
@@ -37,15 +39,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_job(cfg: JobConfig, *, overwrite: bool = False) -> dict:
     run_dir = Path(cfg.compute.output_dir)
-    # A run that trained (metrics) or exported is never silently replaced; a run that failed
-    # before its first step (bad config, bad record) left nothing worth keeping.
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
-        if not overwrite:
-            raise ConfigError(
-                f"compute.output_dir: {run_dir} already holds a run; choose another output_dir "
-                "or pass --overwrite to replace it"
-            )
-        shutil.rmtree(run_dir)
+    if overwrite:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    # A run with checkpoints is resumed (compute.resume: auto). One that trained or exported without
+    # leaving a checkpoint is never silently replaced; one that failed before its first step (bad
+    # config, bad record) left nothing worth keeping.
+    resumable = cfg.compute.resume not in ("never", "auto") or (
+        cfg.compute.resume == "auto" and find_latest(run_dir / "checkpoints") is not None
+    )
+    if not resumable and ((run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists()):
+        raise ConfigError(
+            f"compute.output_dir: {run_dir} already holds a run without a checkpoint to resume; choose "
+            "another output_dir or pass --overwrite to replace it"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     recipe = resolve_import_path(RECIPES.get(cfg.recipe, cfg.recipe), key="recipe")
@@ -84,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "validate":
             print(f"{args.job}: ok (recipe {cfg.recipe}, model {cfg.model.path})")
             return 0
+        if args.resume:
+            cfg.compute.resume = args.resume
         run_job(cfg, overwrite=args.overwrite)
         return 0
-    except (ConfigError, BadRecord, TokenizerMismatchError) as e:
+    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

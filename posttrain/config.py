@@ -111,6 +111,10 @@ class ComputeConfig(Strict):
     output_dir: str = "runs/default"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
     progress: bool = True
+    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest K checkpoints (null: all)")
+    # auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a path
+    resume: str = "auto"
 
 
 class ExportConfig(Strict):

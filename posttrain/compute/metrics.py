@@ -23,9 +23,14 @@ def add_sink(fn: Callable[[dict], None]) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1):
+    def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
+        if start_step and self.path.exists():  # resumed: drop the lines of steps that will be redone
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(self.path)
         self.log_every = log_every
         self._progress = None
         if progress:
@@ -33,7 +38,7 @@ class MetricsLogger:
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
             )
-            self._task = self._progress.add_task("train", total=total_steps, info="")
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
             self._progress.start()
         self._t0 = time.perf_counter()
 

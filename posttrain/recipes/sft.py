@@ -10,6 +10,7 @@
         N      = target tokens in b_1..b_k        (the whole optimizer step)
         loss   = sum_j CE_sum(b_j) / N            (token-mean over the step, not a mean of means)
         backward per micro-batch, clip, AdamW, schedule, log
+        every k steps: checkpoint (weights, optimizer, schedule, data state, RNG) atomically
     export HF checkpoint (+ tokenizer + fingerprint), sample from it
 """
 
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ..compute.device import choose_device, choose_dtype, seed_everything
 from ..compute.metrics import MetricsLogger, console
 from ..compute.optim import build_optimizer, build_scheduler
 from ..config import JobConfig
 from ..data.loader import DataLoader
-from ..data.tokenizer import fingerprint, load_tokenizer
+from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
 from ..model.export import export_hf
 from ..model.load import load_model
 from ..model.loss import backward_token_mean
@@ -53,10 +55,20 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     attn = model.config._attn_implementation
     console.print(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}, attention {attn}; {steps} steps")
 
-    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every)
+    ckpt_root = run_dir / "checkpoints"
+    start = 0
+    if (resume := resolve_resume(cfg.compute.resume, ckpt_root)) is not None:
+        state = load_checkpoint(resume, model=model, optimizer=opt, scheduler=sched)
+        if state["meta"].get("tokenizer_fingerprint") != fingerprint(tokenizer):
+            raise TokenizerMismatchError(f"{resume}: written with a different tokenizer than this run's")
+        loader.load_state_dict(state["data"])
+        start = state["step"]
+        console.print(f"[bold]resumed[/] from {resume} at step {start}")
+
+    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every, start_step=start)
     losses = []
     try:
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             t0, wait0 = time.perf_counter(), loader.wait_s
             micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
             if not micro:
@@ -84,16 +96,22 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
                 "target_tokens": n_targets, "tokens_per_s": real / dt, "step_time_s": dt,
                 "data_wait": (loader.wait_s - wait0) / dt, "padding": 1 - real / slots, **loss_parts,
             })
+            if cfg.compute.checkpoint_every and step % cfg.compute.checkpoint_every == 0:
+                save_checkpoint(
+                    ckpt_root, step, model=model, optimizer=opt, scheduler=sched, data_state=loader.state_dict(),
+                    meta={"tokenizer_fingerprint": fingerprint(tokenizer), "config": cfg.model_dump(mode="json")},
+                    keep=cfg.compute.keep_checkpoints,
+                )
     finally:
         log.close()
         loader.close()
     console.print(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
 
-    result = {"steps": len(losses), "losses": losses, "run_dir": str(run_dir)}
+    result = {"steps": start + len(losses), "losses": losses, "start_step": start, "run_dir": str(run_dir)}
     if cfg.export.enabled:
         out = export_hf(
             model, tokenizer, run_dir / "hf", merge_lora=cfg.export.merge_lora,
-            meta={"base_model": cfg.model.path, "steps": len(losses)},
+            meta={"base_model": cfg.model.path, "steps": start + len(losses)},
         )
         result["export_dir"] = str(out)
         console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(tokenizer)[:12]})")

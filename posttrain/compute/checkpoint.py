@@ -1,0 +1,188 @@
+"""Training checkpoints: one atomic directory per step, exact resume.
+
+    <output_dir>/checkpoints/
+        step_00000300/
+            model_optim/      torch.distributed.checkpoint (sharded on N ranks): trainable weights + AdamW
+            rank_00000.pt     per rank: data-loader state (cursors, mixer, packer buffer), RNG states
+            trainer.pt        LR scheduler, step
+            meta.json         step, world size, tokenizer fingerprint, resolved config; written last
+        latest             name of the newest complete checkpoint, replaced atomically
+        .step_00000400.tmp/   a save in progress (or killed): never picked up
+
+A checkpoint becomes visible only by the rename of its finished temporary directory, after its
+files were fsynced; `latest` is updated after that. Resume picks `latest` if it is complete, else
+the newest complete `step_*` directory. Frozen weights (LoRA's base) are not saved; a checksum of
+them is, and resuming against a different base model fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+_OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def frozen_checksum(model: torch.nn.Module) -> float:
+    """A cheap checksum of the weights a checkpoint does not store (frozen under LoRA)."""
+    total = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                total += float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().abs().sum())
+    return total
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(Path(root) / f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    data_state: dict,
+    meta: dict,
+    keep: int | None = None,
+) -> Path:
+    rank, world = _rank_world()
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".step_{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"))
+    torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
+        (tmp / "meta.json").write_text(json.dumps({
+            "step": step, "world_size": world, "frozen_checksum": frozen_checksum(model), **meta,
+        }, indent=2, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_root / "latest", final.name)
+        if keep:
+            for old in complete_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first (a dir is complete once renamed; meta.json is inside)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and (d / "meta.json").is_file()]
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    root = Path(ckpt_root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        d = root / pointer.read_text().strip()
+        if (d / "meta.json").is_file():
+            return d
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore model/optimizer/scheduler/RNG in place; return {"step", "data", "meta"}."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path}: not a complete posttrain checkpoint (no meta.json)")
+    meta = json.loads((path / "meta.json").read_text())
+    rank, world = _rank_world()
+    if meta["world_size"] != world:
+        raise CheckpointError(
+            f"{path}: written by {meta['world_size']} workers, resuming with {world}; the data-loader state is "
+            "per rank, so resume with the same compute.workers"
+        )
+    got = frozen_checksum(model)
+    if not np.isclose(got, meta["frozen_checksum"], rtol=1e-9, atol=1e-6):
+        raise CheckpointError(
+            f"{path}: the frozen base weights differ from the ones this checkpoint was trained on "
+            f"(checksum {got:.6g} vs {meta['frozen_checksum']:.6g}); was model.path changed?"
+        )
+    msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path / "model_optim"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTS)
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
+    set_rng_state(mine["rng"])
+    return {"step": trainer["step"], "data": mine["data"], "meta": meta}
+
+
+def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
+    """compute.resume: `auto` (newest complete checkpoint, if any), `never`, or a checkpoint path."""
+    if spec == "never":
+        return None
+    if spec == "auto":
+        return find_latest(ckpt_root)
+    path = Path(spec)
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"compute.resume: {spec!r} is not a complete posttrain checkpoint directory")
+    return path
