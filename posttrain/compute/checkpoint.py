@@ -17,10 +17,12 @@ them is, and resuming against a different base model fails loudly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,14 @@ def _rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes a single process' even when told so (no_dist); that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def rng_state() -> dict:
@@ -107,7 +117,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"))
+    with _single_process_quiet():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
     torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -167,7 +178,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         )
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path / "model_optim"))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path / "model_optim"), no_dist=world == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTS)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
