@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, typed like the file")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run in compute.output_dir")
+    r.add_argument("--ray-address", metavar="ADDR", help="run the workers on an existing Ray cluster (e.g. auto, 127.0.0.1:6379)")
     r.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint dir (default: the newest in output_dir)")
     v = sub.add_parser("validate", help="check a job file (types, keys, import paths) without running it")
     v.add_argument("job", nargs="?", help="job YAML file")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_job(cfg: JobConfig, *, overwrite: bool = False) -> dict:
+def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None = None) -> dict:
     run_dir = Path(cfg.compute.output_dir)
     if overwrite:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -54,6 +55,10 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> dict:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    if cfg.compute.workers > 1 or ray_address:
+        from .workflow.spmd import launch
+
+        return launch(cfg, run_dir, ray_address=ray_address)
     recipe = resolve_import_path(RECIPES.get(cfg.recipe, cfg.recipe), key="recipe")
     return recipe(cfg, run_dir)
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume:
             cfg.compute.resume = args.resume
-        run_job(cfg, overwrite=args.overwrite)
+        run_job(cfg, overwrite=args.overwrite, ray_address=args.ray_address)
         return 0
     except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

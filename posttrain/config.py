@@ -109,6 +109,11 @@ class TrainConfig(Strict):
 class ComputeConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     output_dir: str = "runs/default"
+    # SPMD: >1 launches that many Ray workers (one torch.distributed group, FSDP2-sharded model)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="1 per worker on a GPU cluster")
+    max_restarts: int = Field(2, ge=0, description="restarts from the newest checkpoint after a worker dies")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
     progress: bool = True
     checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")

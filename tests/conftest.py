@@ -104,3 +104,17 @@ def explode_on_third(rec):
     if _seen["n"] == 3:
         raise RuntimeError("boom on record 3")
     return rec
+
+
+def kill_once(rec):
+    """A transform that SIGKILLs its own (worker) process the first time it meets a record carrying
+    `kill_marker`, then never again (the marker file remembers): a worker crash in the middle of a run."""
+    import os
+    import signal
+    from pathlib import Path
+
+    marker = rec.pop("kill_marker", None)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rec

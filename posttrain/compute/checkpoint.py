@@ -31,17 +31,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .distributed import all_reduce, rank_world
+
 _OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -73,13 +69,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def frozen_checksum(model: torch.nn.Module) -> float:
-    """A cheap checksum of the weights a checkpoint does not store (frozen under LoRA)."""
+    """A cheap checksum of the weights a checkpoint does not store (frozen under LoRA); with FSDP2
+    each rank sums its shards and the sums are reduced."""
     total = 0.0
     with torch.no_grad():
         for p in model.parameters():
             if not p.requires_grad:
-                total += float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().abs().sum())
-    return total
+                local = p.to_local() if hasattr(p, "to_local") else p
+                total += float(local.detach().double().sum()) + 1e-3 * float(local.detach().double().abs().sum())
+    return all_reduce(total)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -108,7 +106,7 @@ def save_checkpoint(
     meta: dict,
     keep: int | None = None,
 ) -> Path:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".step_{step:08d}.tmp"
@@ -120,11 +118,12 @@ def save_checkpoint(
     with _single_process_quiet():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
     torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    checksum = frozen_checksum(model)  # collective: every rank
     _barrier()
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
         (tmp / "meta.json").write_text(json.dumps({
-            "step": step, "world_size": world, "frozen_checksum": frozen_checksum(model), **meta,
+            "step": step, "world_size": world, "frozen_checksum": checksum, **meta,
         }, indent=2, default=str))
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (after a resume): replace it
@@ -164,7 +163,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path}: not a complete posttrain checkpoint (no meta.json)")
     meta = json.loads((path / "meta.json").read_text())
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if meta["world_size"] != world:
         raise CheckpointError(
             f"{path}: written by {meta['world_size']} workers, resuming with {world}; the data-loader state is "

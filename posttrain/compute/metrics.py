@@ -23,10 +23,15 @@ def add_sink(fn: Callable[[dict], None]) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0,
+                 enabled: bool = True):
+        """`enabled=False` (ranks other than 0) makes every call a no-op."""
+        self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
-        if start_step and self.path.exists():  # resumed: drop the lines of steps that will be redone
+        if not enabled:
+            return
+        if self.path.exists():  # (re)started from step k: drop the lines of steps that will be redone
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
@@ -43,6 +48,8 @@ class MetricsLogger:
         self._t0 = time.perf_counter()
 
     def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
         metrics = {"time": round(time.perf_counter() - self._t0, 3), **metrics}
         if self._fh is None:
             self._fh = open(self.path, "a", buffering=1)
@@ -57,6 +64,8 @@ class MetricsLogger:
             (self._progress.console if self._progress else console).print(f"step {step:>5}  {info}")
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self._progress is not None:
             self._progress.stop()
         if self._fh is not None:

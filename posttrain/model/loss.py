@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -330,6 +331,7 @@ def ce_sum(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *
 def backward_token_mean(
     model: torch.nn.Module, micro_batches: list[dict], vocab_size: int | None = None, *,
     chunk_tokens: int | None = None, metrics: dict | None = None,
+    normalizer: int | None = None, grad_scale: float = 1.0, loss_fn: Callable | None = None,
 ) -> tuple[float, int]:
     """Backward the token-mean CE of an optimizer step made of several micro-batches.
 
@@ -342,13 +344,19 @@ def backward_token_mean(
     coef * n_j / N (n_j its target tokens): the step loss is CE_mean + coef * (token-weighted mean of
     the micro-batch aux losses), which for a single micro-batch is exactly transformers'
     `CE_mean + router_aux_loss_coef * aux_loss`. `metrics` (if given) receives `ce_loss` and `aux_loss`.
+
+    Data parallel: pass `normalizer` = the target count of the *global* step (all ranks) and
+    `grad_scale` = world size when the gradient reduction averages over ranks (FSDP2 does), so the
+    update equals one worker's over the same documents; the returned loss is this rank's share.
+    `loss_fn(batch, vocab_size, chunk_tokens=...)` replaces `lm_loss(model, ...)` (the FSDP2 root
+    module, whose forward must run so that sharded root weights are gathered).
     """
-    n = sum(count_targets(mb["labels"]) for mb in micro_batches)
+    n = normalizer if normalizer is not None else sum(count_targets(mb["labels"]) for mb in micro_batches)
     _, coef = router_aux_settings(model)
     total = ce_total = aux_total = 0.0
     has_aux = False
     for mb in micro_batches:
-        parts = lm_loss(model, mb, vocab_size, chunk_tokens=chunk_tokens)
+        parts = (loss_fn or partial(lm_loss, model))(mb, vocab_size, chunk_tokens=chunk_tokens)
         loss = parts.ce_sum / max(n, 1)
         ce_total += loss.item()
         if parts.aux is not None:
@@ -356,7 +364,7 @@ def backward_token_mean(
             w = parts.n_targets / max(n, 1)
             loss = loss + coef * w * parts.aux
             aux_total += w * parts.aux.item()
-        loss.backward()
+        (loss * grad_scale if grad_scale != 1.0 else loss).backward()
         total += loss.item()
     if metrics is not None:
         metrics["ce_loss"] = ce_total

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..compute.distributed import all_reduce, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.device import choose_device, choose_dtype, seed_everything
 from ..compute.metrics import MetricsLogger, console
 from ..compute.optim import build_optimizer, build_scheduler
@@ -29,13 +30,15 @@ from ..config import JobConfig
 from ..data.loader import DataLoader
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
 from ..model.export import export_hf
-from ..model.load import load_model
-from ..model.loss import backward_token_mean
+from ..model.load import load_model, unwrap
+from ..model.loss import backward_token_mean, count_targets
 from ..model.sample import sample_chat
 
 
 def run(cfg: JobConfig, run_dir: Path) -> dict:
     seed_everything(cfg.train.seed)
+    rank, world = rank_world()  # N SPMD workers run this same function on their data shards
+    say = console.print if rank == 0 else (lambda *a, **k: None)
     if cfg.compute.threads:
         torch.set_num_threads(cfg.compute.threads)
     device = choose_device(cfg.compute.device)
@@ -45,15 +48,17 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     model = load_model(cfg.model, tokenizer, device=device, dtype=dtype, merge_lora=cfg.export.merge_lora, packing=cfg.data.packing)
     model.train()
     vocab = len(tokenizer)  # real vocabulary; rows beyond it are padding
-    loader = DataLoader(cfg.data, tokenizer, seed=cfg.train.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss_fn = shard_fsdp2(model) if world > 1 else None  # FSDP2: per decoder layer + a loss root
+    loader = DataLoader(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
 
     steps = cfg.train.steps
     opt = build_optimizer(model, cfg.train)
     sched = build_scheduler(opt, cfg.train, steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    attn = model.config._attn_implementation
-    console.print(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}, attention {attn}; {steps} steps")
+    attn = unwrap(model).config._attn_implementation
+    say(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}, attention {attn}, "
+        f"{world} worker{'s' if world > 1 else ''}; {steps} steps")
 
     ckpt_root = run_dir / "checkpoints"
     start = 0
@@ -63,20 +68,27 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             raise TokenizerMismatchError(f"{resume}: written with a different tokenizer than this run's")
         loader.load_state_dict(state["data"])
         start = state["step"]
-        console.print(f"[bold]resumed[/] from {resume} at step {start}")
+        say(f"[bold]resumed[/] from {resume} at step {start}")
 
-    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every, start_step=start)
+    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every, start_step=start, enabled=rank == 0)
     losses = []
     try:
         for step in range(start + 1, steps + 1):
             t0, wait0 = time.perf_counter(), loader.wait_s
             micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+            micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
             if not micro:
-                console.print(f"[yellow]data exhausted after {step - 1} steps (data.max_epochs={cfg.data.max_epochs})")
+                say(f"[yellow]data exhausted after {step - 1} steps (data.max_epochs={cfg.data.max_epochs})")
                 break
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
             loss_parts: dict = {}  # ce_loss, and aux_loss (MoE router load balancing) when enabled
-            step_loss, n_targets = backward_token_mean(model, micro, vocab, chunk_tokens=cfg.model.loss_chunk_tokens, metrics=loss_parts)
+            # normalise by the target tokens of the *global* step; FSDP2 averages gradients over ranks
+            n_targets = int(all_reduce(sum(count_targets(b["labels"]) for b in micro)))
+            step_loss, _ = backward_token_mean(model, micro, vocab, chunk_tokens=cfg.model.loss_chunk_tokens,
+                                               metrics=loss_parts, normalizer=n_targets, grad_scale=world,
+                                               loss_fn=loss_fn)
+            step_loss = all_reduce(step_loss)
+            loss_parts = {k: all_reduce(v) for k, v in loss_parts.items()}
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
                 if cfg.train.max_grad_norm
@@ -87,12 +99,12 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            real = sum(b["num_tokens"] for b in micro)
-            slots = sum(b["input_ids"].numel() for b in micro)
+            real = all_reduce(sum(b["num_tokens"] for b in micro))
+            slots = all_reduce(sum(b["input_ids"].numel() for b in micro))
             losses.append(step_loss)
             log.log({
                 "step": step, "epoch": micro[-1]["epoch"], "loss": step_loss, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": local_scalar(grad_norm) if grad_norm is not None else None,
                 "target_tokens": n_targets, "tokens_per_s": real / dt, "step_time_s": dt,
                 "data_wait": (loader.wait_s - wait0) / dt, "padding": 1 - real / slots, **loss_parts,
             })
@@ -105,8 +117,14 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     finally:
         log.close()
         loader.close()
-    console.print(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
+    say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
 
+    if world > 1:  # gather the full weights (collective), export from an unsharded copy on rank 0
+        weights = full_state_dict(model)
+        if rank != 0:
+            return {"steps": start + len(losses), "rank": rank}
+        model = load_model(cfg.model, tokenizer, device=torch.device("cpu"), dtype=dtype, merge_lora=cfg.export.merge_lora)
+        model.load_state_dict(weights)
     result = {"steps": start + len(losses), "losses": losses, "start_step": start, "run_dir": str(run_dir)}
     if cfg.export.enabled:
         out = export_hf(

@@ -1,0 +1,91 @@
+"""SPMD launch: N identical Ray workers each run the recipe on their data shard.
+
+The driver stays thin: it starts (or joins) a Ray cluster, forms a worker group whose actors share
+a torch.distributed process group, calls the recipe on every rank and returns rank 0's result. If a
+worker dies, the group is torn down and started again; the recipe resumes from the newest complete
+checkpoint (compute.resume: auto), up to compute.max_restarts times, each restart logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..compute.metrics import console
+from ..config import RECIPES, JobConfig, resolve_import_path
+from .worker_group import DistributedWorker, ResourcePool, WorkerGroup
+
+
+class RecipeWorker(DistributedWorker):
+    def __init__(self, rank: int, world_size: int, cfg_json: str, threads: int):
+        super().__init__(rank, world_size)
+        import torch
+
+        import transformers
+
+        torch.set_num_threads(threads)
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.cfg = JobConfig.model_validate_json(cfg_json)
+
+    def run(self, run_dir: str) -> dict:
+        recipe = resolve_import_path(RECIPES.get(self.cfg.recipe, self.cfg.recipe), key="recipe")
+        try:
+            return recipe(self.cfg, Path(run_dir))
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _ray_init(address: str | None, cfg: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        cpus = max(cfg.compute.workers * cfg.compute.cpus_per_worker, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def _gather(refs: list) -> list:
+    """Results in rank order; the first failure is raised at once (the other ranks may be blocked in a
+    collective waiting for a dead peer, so waiting for all of them could hang)."""
+    import ray
+
+    index = {r: i for i, r in enumerate(refs)}
+    results, pending = [None] * len(refs), list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results[index[done[0]]] = ray.get(done[0])
+    return results
+
+
+def launch(cfg: JobConfig, run_dir: Path, *, ray_address: str | None = None) -> dict:
+    import ray
+
+    _ray_init(ray_address, cfg)
+    c = cfg.compute
+    pool = ResourcePool(workers=c.workers, cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker)
+    threads = c.threads or max(1, int(c.cpus_per_worker))
+    attempt = 0
+    while True:
+        group = WorkerGroup(RecipeWorker, pool, init_args=(cfg.model_dump_json(), threads))
+        try:
+            return _gather(group.call_all_async("run", str(run_dir)))[0]
+        except ray.exceptions.RayTaskError as e:  # the recipe raised: a bug or bad input, not a crash
+            raise e.cause if isinstance(e.cause, Exception) else e
+        except ray.exceptions.RayActorError as e:
+            attempt += 1
+            if attempt > c.max_restarts:
+                raise RuntimeError(
+                    f"a worker died {attempt} times (compute.max_restarts={c.max_restarts}); last cause: {e}"
+                ) from e
+            console.print(f"[bold red]worker died[/] ({type(e).__name__}); restart {attempt}/{c.max_restarts} "
+                          "from the newest checkpoint")
+        finally:
+            group.shutdown()

@@ -1,0 +1,128 @@
+"""SPMD on Ray: 1 vs 2 workers give the same update; a dying worker restarts from the checkpoint;
+a job runs on an existing Ray cluster started with `ray start`."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+pytest.importorskip("ray")
+
+from posttrain.cli import run_job  # noqa: E402
+from posttrain.config import JobConfig  # noqa: E402
+
+from conftest import ROOT, job_dict, write_jsonl  # noqa: E402
+
+WORDS = "the cat sat on a mat and the dog ran to the big red ball while birds sang".split()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fixed_len_data(tmp_path_factory):
+    """Records of >= 32 tokens, truncated to exactly 32: one sample fills one 32-token micro-batch, so
+    1 worker x 2 micro-batches and 2 workers x 1 see the same documents in every step."""
+    rng = random.Random(0)
+    recs = [{"text": " ".join(rng.choice(WORDS) for _ in range(40))} for _ in range(24)]
+    return write_jsonl(tmp_path_factory.mktemp("fixed") / "d.jsonl", recs)
+
+
+def _job(model, data, out, workers, accum, steps=4, **compute):
+    return job_dict(
+        model, data, out,
+        data={"max_seq_len": 32, "max_tokens_per_batch": 32, "shuffle": False},
+        train={"steps": steps, "grad_accum": accum, "lr": 1e-2, "warmup_steps": 1},
+        compute={"workers": workers, **compute},
+    )
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "hf" / "model.safetensors")
+
+
+def test_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w1", 1, 2)))
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w2", 2, 1)))
+    one, two = _losses(tmp_path / "w1"), _losses(tmp_path / "w2")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert one[-1] < one[0]  # it trained
+    w1, w2 = _weights(tmp_path / "w1"), _weights(tmp_path / "w2")
+    assert w1.keys() == w2.keys()
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < 1e-5, worst
+
+
+def test_worker_death_restarts_from_checkpoint(ray_local, tiny_qwen3, fixed_len_data, tmp_path, capsys):
+    recs = [json.loads(l) for l in fixed_len_data.read_text().splitlines()]
+    data = tmp_path / "d.jsonl"
+    killer = [dict(r) for r in recs]
+    killer[13]["kill_marker"] = str(tmp_path / "killed")  # read by rank 1 after the step-4 checkpoint
+    write_jsonl(data, killer)
+    ref_data = write_jsonl(tmp_path / "ref.jsonl", recs)
+    common = dict(steps=8, checkpoint_every=2)
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, ref_data, tmp_path / "ref", 2, 1, **common)))
+    job = _job(tiny_qwen3, data, tmp_path / "run", 2, 1, **common)
+    job["data"]["transform"] = "conftest:kill_once"
+    job["data"]["buffer_size"] = 1
+    job["data"]["prefetch"] = 1
+    res = run_job(JobConfig.model_validate(job))
+    assert (tmp_path / "killed").exists()
+    assert "worker died" in capsys.readouterr().err
+    assert res["start_step"] > 0  # the restarted group resumed from a checkpoint, not from scratch
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "ref"), abs=1e-6)
+    w, ref = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
+    assert max(float((w[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+def test_max_restarts_exceeded_fails_with_cause(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    recs = [json.loads(l) for l in fixed_len_data.read_text().splitlines()]
+    recs[3]["kill_marker"] = str(tmp_path / "killed")
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    job = _job(tiny_qwen3, data, tmp_path / "run", 2, 1, max_restarts=0)
+    job["data"]["transform"] = "conftest:kill_once"
+    with pytest.raises(RuntimeError, match="max_restarts=0"):
+        run_job(JobConfig.model_validate(job))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_existing_cluster_via_ray_start(tiny_qwen3, fixed_len_data, tmp_path):
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = _free_port()
+    # token auth off on both sides: a throwaway cluster on 127.0.0.1 for this test only
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump(_job(tiny_qwen3, fixed_len_data, tmp_path / "run", 2, 1, steps=2)))
+        out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file), "--ray-address", f"127.0.0.1:{port}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(_losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "hf" / "model.safetensors").exists()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
