@@ -130,3 +130,23 @@ def test_bf16_weights_train_with_fp32_loss(tiny_qwen3, data, tmp_path):
     assert len(res["losses"]) == 2 and all(l == l and l > 0 for l in res["losses"])  # finite
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     assert loaded.config.dtype == torch.bfloat16 or next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_metrics_sinks_mfu_and_tensorboard(tiny_qwen3, data, tmp_path):
+    import posttrain.compute.metrics as M
+    from posttrain.metrics import add_sink
+
+    seen = []
+    add_sink(seen.append)
+    try:
+        run(job_dict(tiny_qwen3, data, tmp_path / "run", train={"steps": 2}, compute={"tensorboard": True, "peak_flops": 1e12}))
+    finally:
+        M._SINKS.remove(seen.append)
+    assert [m["step"] for m in seen] == [1, 2]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait", "mfu", "hfu", "peak_mem_gb"):
+            assert isinstance(r[key], float), key
+        # with a fixed 1 TFLOP/s peak, MFU is this step's model FLOPs / time / 1e12: positive and tiny
+        assert 0 < r["mfu"] <= r["hfu"] < 1
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

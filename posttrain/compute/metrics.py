@@ -22,15 +22,33 @@ def add_sink(fn: Callable[[dict], None]) -> None:
     _SINKS.append(fn)
 
 
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, peak RSS on CPU."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0,
-                 enabled: bool = True):
+                 enabled: bool = True, tensorboard: bool = False):
         """`enabled=False` (ranks other than 0) makes every call a no-op."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
+        self._tb = None
         if not enabled:
             return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("compute.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if self.path.exists():  # (re)started from step k: drop the lines of steps that will be redone
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
@@ -56,8 +74,14 @@ class MetricsLogger:
         self._fh.write(json.dumps(metrics) + "\n")
         for sink in _SINKS:
             sink(metrics)
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, metrics.get("step", 0))
         step = metrics.get("step", 0)
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if "mfu" in metrics:
+            info += f"  MFU {metrics['mfu']:.1%}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         if step % self.log_every == 0:
@@ -70,3 +94,5 @@ class MetricsLogger:
             self._progress.stop()
         if self._fh is not None:
             self._fh.close()
+        if self._tb is not None:
+            self._tb.close()

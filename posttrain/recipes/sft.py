@@ -23,8 +23,9 @@ import torch
 
 from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ..compute.distributed import all_reduce, full_state_dict, local_scalar, rank_world, shard_fsdp2
+from ..compute.flops import FlopCounter, mfu, peak_flops
 from ..compute.device import choose_device, choose_dtype, seed_everything
-from ..compute.metrics import MetricsLogger, console
+from ..compute.metrics import MetricsLogger, console, peak_memory_gb
 from ..compute.optim import build_optimizer, build_scheduler
 from ..config import JobConfig
 from ..data.loader import DataLoader
@@ -50,6 +51,8 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     vocab = len(tokenizer)  # real vocabulary; rows beyond it are padding
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = FlopCounter.from_model(model, vocab_size=vocab)  # per step: documents, targets, LoRA, recompute
+    peak = peak_flops(device, dtype, override=cfg.compute.peak_flops)  # calibrated here, not in step 1
     loss_fn = shard_fsdp2(model) if world > 1 else None  # FSDP2: per decoder layer + a loss root
     loader = DataLoader(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
 
@@ -70,7 +73,8 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
         start = state["step"]
         say(f"[bold]resumed[/] from {resume} at step {start}")
 
-    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every, start_step=start, enabled=rank == 0)
+    log = MetricsLogger(run_dir, steps, progress=cfg.compute.progress, log_every=cfg.train.log_every, start_step=start,
+                        enabled=rank == 0, tensorboard=cfg.compute.tensorboard)
     losses = []
     try:
         for step in range(start + 1, steps + 1):
@@ -99,6 +103,9 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
+            f = flops.step_flops([n for b in micro for n in b["doc_lens"]], sum(count_targets(b["labels"]) for b in micro),
+                                 n_micro_batches=len(micro))
+            model_flops, hw_flops = all_reduce(f["model"]), all_reduce(f["hardware"])
             real = all_reduce(sum(b["num_tokens"] for b in micro))
             slots = all_reduce(sum(b["input_ids"].numel() for b in micro))
             losses.append(step_loss)
@@ -106,7 +113,9 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
                 "step": step, "epoch": micro[-1]["epoch"], "loss": step_loss, "lr": lr,
                 "grad_norm": local_scalar(grad_norm) if grad_norm is not None else None,
                 "target_tokens": n_targets, "tokens_per_s": real / dt, "step_time_s": dt,
-                "data_wait": (loader.wait_s - wait0) / dt, "padding": 1 - real / slots, **loss_parts,
+                "data_wait": (loader.wait_s - wait0) / dt, "padding": 1 - real / slots,
+                "mfu": mfu(model_flops / dt, peak, n_devices=world), "hfu": mfu(hw_flops / dt, peak, n_devices=world),
+                "peak_mem_gb": peak_memory_gb(device), **loss_parts,
             })
             if cfg.compute.checkpoint_every and step % cfg.compute.checkpoint_every == 0:
                 save_checkpoint(
