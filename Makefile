@@ -6,7 +6,7 @@ setup:
 
 demo: setup
 	.venv/bin/python examples/build_tiny_model.py examples/.cache/tiny-qwen3
-	.venv/bin/posttrain run examples/sft_demo.yaml
+	.venv/bin/posttrain run examples/sft_demo.yaml --overwrite
 
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

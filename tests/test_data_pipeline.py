@@ -316,3 +316,21 @@ def test_bad_record_error_policy_through_the_background_loader(tiny_qwen3, tmp_p
     loader = DataLoader(_loader_cfg([path], shuffle=False, on_bad_record="skip", on_exhausted="drop"), tok, seed=0)
     list(loader)
     assert loader.stats.skipped["invalid_json"] == 1 and loader.stats.kept == 2
+
+
+def test_bucketed_per_document_attention_equals_dense_mask(tiny_llama):
+    """Documents of different lengths sharing a bucket (17 and 20 -> width 20; 33 and 40 -> 40) are
+    right-padded together; outputs and gradients equal transformers' dense block-mask sdpa path."""
+    from transformers import AutoModelForCausalLM
+
+    lens = [17, 20, 33, 40, 3, 1, 70]
+    ids = torch.randint(0, 300, (1, sum(lens)), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    outs = {}
+    for attn in ("posttrain_packed", "sdpa"):
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn)
+        logits = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.square().mean().backward()
+        outs[attn] = (logits.detach(), m.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(outs["posttrain_packed"][0], outs["sdpa"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs["posttrain_packed"][1], outs["sdpa"][1], atol=1e-6, rtol=1e-4)

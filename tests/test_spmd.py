@@ -126,3 +126,26 @@ def test_existing_cluster_via_ray_start(tiny_qwen3, fixed_len_data, tmp_path):
         assert len(_losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "hf" / "model.safetensors").exists()
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_demo_job_unchanged_with_two_workers_lora_and_checkpointing(ray_local, tmp_path):
+    """The demo job file, with only compute.workers=2 (plus a short run): LoRA and activation
+    checkpointing under FSDP2, a checkpoint, and an export plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import load_config
+
+    model_dir = ROOT / "examples" / ".cache" / "tiny-qwen3"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "examples" / "build_tiny_model.py"), str(model_dir)], check=True)
+    cfg = load_config(ROOT / "examples" / "sft_demo.yaml", [
+        "compute.workers=2", "train.steps=4", f"compute.output_dir={tmp_path / 'run'}", "compute.checkpoint_every=2",
+        "model.lora={rank: 8}", "model.gradient_checkpointing=true", "export.sample_prompts=[]",
+        f"model.path={model_dir}", f"data.sources=[{{path: {ROOT / 'examples/data/demo_chat.jsonl'}}}]",
+    ])
+    res = run_job(cfg)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json").exists()
+    AutoModelForCausalLM.from_pretrained(res["export_dir"])

@@ -84,7 +84,7 @@ class MetricsLogger:
             info += f"  MFU {metrics['mfu']:.1%}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
-        if step % self.log_every == 0:
+        if step % self.log_every == 0 or step == 1:
             (self._progress.console if self._progress else console).print(f"step {step:>5}  {info}")
 
     def close(self) -> None:
