@@ -37,12 +37,40 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 
 def bucket_length(n: int) -> int:
-    """Documents are batched by length rounded up to 4 buckets per octave (at most ~25% padding, a
-    few SDPA calls per row instead of one per distinct length); up to 16 tokens, exact lengths."""
+    """Documents are batched by length rounded up to 4 buckets per octave (at most ~25% extra
+    positions, a few SDPA calls per row instead of one per distinct length); 5-16 tokens share 16."""
     if n <= 16:
-        return n
+        return 16 if n > 4 else n
     q = 1 << (n.bit_length() - 3)  # a quarter of the octave's base
     return -(-n // q) * q
+
+
+_plan_cache: dict = {}
+
+
+def _plans(position_ids: torch.Tensor) -> list:
+    """Per row: [(bucket width, number of documents, gather index)], and the index that puts every
+    position's output back in place. Built once per forward (every layer shares position_ids)."""
+    key = (tuple(position_ids.shape), position_ids.cpu().numpy().tobytes())  # by content: addresses get reused
+    if key in _plan_cache:
+        return _plan_cache[key]
+    plans = []
+    for spans, row_len in zip(document_spans(position_ids), [position_ids.shape[-1]] * position_ids.shape[0]):
+        buckets: dict[int, list[tuple[int, int]]] = {}
+        for s, e in spans:
+            buckets.setdefault(bucket_length(e - s), []).append((s, e))
+        gathers, out_index, base = [], [0] * row_len, 0
+        for width, docs in buckets.items():
+            idx = []
+            for j, (s, e) in enumerate(docs):
+                idx.extend(min(s + k, row_len - 1) for k in range(width))
+                out_index[s:e] = range(base + j * width, base + j * width + (e - s))
+            gathers.append((width, len(docs), torch.tensor(idx, device=position_ids.device)))
+            base += len(docs) * width
+        plans.append((gathers, torch.tensor(out_index, device=position_ids.device)))
+    _plan_cache.clear()  # keep only the current batch's plan
+    _plan_cache[key] = plans
+    return plans
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
@@ -63,24 +91,21 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         position_ids = position_ids.expand(query.shape[0], -1)
     dropout = dropout if module.training else 0.0
     rows = []
-    for b, spans in enumerate(document_spans(position_ids)):
-        by_len: dict[int, list[tuple[int, int]]] = {}
-        for s, e in spans:
-            by_len.setdefault(bucket_length(e - s), []).append((s, e))
-        pieces: dict[int, torch.Tensor] = {}
-        for width, docs in by_len.items():
-            # Right-pad each document to the bucket width: under a causal mask no real query ever
-            # attends to a later (padding) key, so the real positions' outputs are exact.
-            def stack(t):
-                return torch.stack([F.pad(t[b, :, s:e], (0, 0, 0, width - (e - s))) for s, e in docs])
+    for b, (gathers, out_index) in enumerate(_plans(position_ids)):
+        outs = []
+        for width, n, idx in gathers:
+            # Each document of the bucket is read as `width` consecutive positions from its start:
+            # the tail past its end (the next document, or a clamped repeat) is never seen by its
+            # real queries under the causal mask, and its outputs are dropped by `out_index`.
+            def take(t):
+                return t[b][:, idx].unflatten(1, (n, width)).transpose(0, 1)  # (n, H, width, D)
 
-            out = F.scaled_dot_product_attention(
-                stack(query), stack(key), stack(value), dropout_p=dropout, scale=scaling,
+            o = F.scaled_dot_product_attention(
+                take(query), take(key), take(value), dropout_p=dropout, scale=scaling,
                 is_causal=width > 1, enable_gqa=groups > 1,
-            )  # (n, H, width, D)
-            for (s, e), o in zip(docs, out.unbind(0)):
-                pieces[s] = o[:, : e - s]
-        rows.append(torch.cat([pieces[s] for s, _ in spans], dim=1))  # (H, T, D)
+            )
+            outs.append(o.transpose(0, 1).flatten(1, 2))  # (H, n * width, D)
+        rows.append(torch.cat(outs, dim=1)[:, out_index])  # (H, T, D), every position from its slot
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 

@@ -46,14 +46,17 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     dtype = choose_dtype(cfg.model.dtype, device)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, device=device, dtype=dtype, merge_lora=cfg.export.merge_lora, packing=cfg.data.packing)
+    # Under FSDP2, model.dtype is the compute dtype: weights, gradients and AdamW state stay fp32.
+    master = torch.float32 if world > 1 else dtype
+    model = load_model(cfg.model, tokenizer, device=device, dtype=master, merge_lora=cfg.export.merge_lora, packing=cfg.data.packing)
     model.train()
     vocab = len(tokenizer)  # real vocabulary; rows beyond it are padding
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = FlopCounter.from_model(model, vocab_size=vocab)  # per step: documents, targets, LoRA, recompute
     peak = peak_flops(device, dtype, override=cfg.compute.peak_flops)  # calibrated here, not in step 1
-    loss_fn = shard_fsdp2(model) if world > 1 else None  # FSDP2: per decoder layer + a loss root
+    # FSDP2: per decoder layer + a loss root
+    loss_fn = shard_fsdp2(model, param_dtype=dtype if dtype != master else None) if world > 1 else None
     loader = DataLoader(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
 
     steps = cfg.train.steps

@@ -61,7 +61,19 @@ def _gather(refs: list) -> list:
     results, pending = [None] * len(refs), list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        results[index[done[0]]] = ray.get(done[0])
+        try:
+            results[index[done[0]]] = ray.get(done[0])
+        except ray.exceptions.RayTaskError:
+            # A rank whose peer died fails in its collective (a gloo/nccl error) and may be seen first:
+            # if another actor died, that death is the cause to report (and to restart from).
+            for ref in ray.wait(pending, num_returns=len(pending), timeout=30)[0] if pending else []:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    raise
+                except Exception:
+                    pass
+            raise
     return results
 
 
