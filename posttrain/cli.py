@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run in compute.output_dir")
     r.add_argument("--ray-address", metavar="ADDR", help="run the workers on an existing Ray cluster (e.g. auto, 127.0.0.1:6379)")
     r.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint dir (default: the newest in output_dir)")
+    e = sub.add_parser("export", help="export a training checkpoint to a plain HF model directory")
+    e.add_argument("checkpoint", help="a checkpoint dir (…/checkpoints/step_N) or a run dir (its newest checkpoint)")
+    e.add_argument("--out", help="output dir (default: <run dir>/hf-step_N)")
     v = sub.add_parser("validate", help="check a job file (types, keys, import paths) without running it")
     v.add_argument("job", nargs="?", help="job YAML file")
     v.add_argument("overrides", nargs="*")
@@ -86,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= rep.ok
             print("verify: ok" if ok else "verify: FAILED (differences above tolerance)")
             return 0 if ok else 1
+        if args.cmd == "export":
+            from .compute.checkpoint import export_checkpoint
+
+            ckpt = Path(args.checkpoint)
+            if not (ckpt / "meta.json").is_file():
+                ckpt = find_latest(ckpt / "checkpoints") or ckpt
+            print(f"exported {ckpt} -> {export_checkpoint(ckpt, Path(args.out) if args.out else None)}")
+            return 0
         if args.cmd == "validate" and args.schema:
             print(json.dumps(JobConfig.model_json_schema(), indent=2))
             return 0

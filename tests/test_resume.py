@@ -109,3 +109,20 @@ def test_resume_with_another_tokenizer_is_refused(tiny_qwen3, tiny_llama, data, 
     job["model"]["tokenizer"] = str(tiny_llama)
     with pytest.raises((TokenizerMismatchError, Exception), match="tokenizer"):
         run_job(JobConfig.model_validate(job))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_on_request_from_a_checkpoint(tiny_qwen3, data, tmp_path, capsys, lora):
+    """`posttrain export RUN_DIR` rebuilds the model from the checkpoint's config and gives the same
+    weights as the end-of-run export taken at that step."""
+    from posttrain.cli import main
+
+    job = _job(tiny_qwen3, data, tmp_path / "r", lora=lora)
+    job["train"]["steps"] = 9  # the last step is a checkpoint step: the final export is that state
+    run_job(JobConfig.model_validate(job))
+    assert main(["export", str(tmp_path / "r")]) == 0
+    assert "step_00000009" in capsys.readouterr().out
+    got = load_file(tmp_path / "r" / "hf-step_00000009" / "model.safetensors")
+    want = load_file(tmp_path / "r" / "hf" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert main(["export", str(tmp_path / "nothing")]) == 2

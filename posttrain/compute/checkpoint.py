@@ -197,3 +197,34 @@ def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"compute.resume: {spec!r} is not a complete posttrain checkpoint directory")
     return path
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path | None = None) -> Path:
+    """Export a training checkpoint (of any number of workers: DCP reshards on load) to a plain HF
+    directory, in this process: the model is rebuilt from the checkpoint's own resolved config."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from ..config import JobConfig
+    from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
+    from ..model.export import export_hf
+    from ..model.load import load_model
+    from .device import seed_everything
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "meta.json").is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a complete posttrain checkpoint (no meta.json)")
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    cfg = JobConfig.model_validate(meta["config"])
+    tok = load_tokenizer(cfg.model)
+    if fingerprint(tok) != meta["tokenizer_fingerprint"]:
+        raise TokenizerMismatchError(f"{ckpt_dir}: the tokenizer at model.path differs from the one it was trained with")
+    seed_everything(cfg.train.seed)  # as the recipe does: resized vocab rows are drawn from the RNG
+    model = load_model(cfg.model, tok, device=torch.device("cpu"), dtype=torch.float32, merge_lora=cfg.export.merge_lora)
+    if not np.isclose(frozen_checksum(model), meta["frozen_checksum"], rtol=1e-9, atol=1e-6):
+        raise CheckpointError(f"{ckpt_dir}: the frozen base weights at model.path differ from the ones trained on")
+    state = {"model": get_model_state_dict(model, options=_OPTS)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "model_optim"), no_dist=True)
+    set_model_state_dict(model, state["model"], options=_OPTS)
+    out = Path(out_dir) if out_dir else ckpt_dir.parent.parent / f"hf-{ckpt_dir.name}"
+    return export_hf(model, tok, out, merge_lora=cfg.export.merge_lora, meta={"base_model": cfg.model.path, "steps": meta["step"]})
