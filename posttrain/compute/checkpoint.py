@@ -80,6 +80,16 @@ def frozen_checksum(model: torch.nn.Module) -> float:
     return all_reduce(total)
 
 
+def _check_frozen(model: torch.nn.Module, meta: dict, path: Path) -> None:
+    """The weights a checkpoint does not store must be the ones it was trained on."""
+    got = frozen_checksum(model)
+    if not np.isclose(got, meta["frozen_checksum"], rtol=1e-9, atol=1e-6):
+        raise CheckpointError(
+            f"{path}: the frozen base weights differ from the ones this checkpoint was trained on "
+            f"(checksum {got:.6g} vs {meta['frozen_checksum']:.6g}); was model.path changed?"
+        )
+
+
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for f in files:
@@ -169,12 +179,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             f"{path}: written by {meta['world_size']} workers, resuming with {world}; the data-loader state is "
             "per rank, so resume with the same compute.workers"
         )
-    got = frozen_checksum(model)
-    if not np.isclose(got, meta["frozen_checksum"], rtol=1e-9, atol=1e-6):
-        raise CheckpointError(
-            f"{path}: the frozen base weights differ from the ones this checkpoint was trained on "
-            f"(checksum {got:.6g} vs {meta['frozen_checksum']:.6g}); was model.path changed?"
-        )
+    _check_frozen(model, meta, path)
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
     state = {"model": msd, "optim": osd}
     with _single_process_quiet():
@@ -220,8 +225,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path | None = None) -> Path:
         raise TokenizerMismatchError(f"{ckpt_dir}: the tokenizer at model.path differs from the one it was trained with")
     seed_everything(cfg.train.seed)  # as the recipe does: resized vocab rows are drawn from the RNG
     model = load_model(cfg.model, tok, device=torch.device("cpu"), dtype=torch.float32, merge_lora=cfg.export.merge_lora)
-    if not np.isclose(frozen_checksum(model), meta["frozen_checksum"], rtol=1e-9, atol=1e-6):
-        raise CheckpointError(f"{ckpt_dir}: the frozen base weights at model.path differ from the ones trained on")
+    _check_frozen(model, meta, ckpt_dir)
     state = {"model": get_model_state_dict(model, options=_OPTS)}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(ckpt_dir / "model_optim"), no_dist=True)
