@@ -60,7 +60,7 @@ def export_hf(
     gen = generation_config(model, tokenizer)
     gen.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_fingerprint(tokenizer, tmp, padded_vocab_size=len(tokenizer) + len(padded_ids(model, tokenizer)), **(meta or {}))
+    write_fingerprint(tokenizer, tmp, padded_vocab_size=unwrap(model).get_input_embeddings().weight.shape[0], **(meta or {}))
     for f in tmp.iterdir():  # make it durable before it becomes visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -61,6 +61,7 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
 
     steps = cfg.train.steps
     opt = build_optimizer(model, cfg.train)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     sched = build_scheduler(opt, cfg.train, steps)
     attn = unwrap(model).config._attn_implementation
     say(f"model: {n_params:,} parameters ({n_train:,} trainable), {dtype}, {device}, attention {attn}, "
@@ -90,14 +91,15 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
             loss_parts: dict = {}  # ce_loss, and aux_loss (MoE router load balancing) when enabled
             # normalise by the target tokens of the *global* step; FSDP2 averages gradients over ranks
-            n_targets = int(all_reduce(sum(count_targets(b["labels"]) for b in micro)))
+            n_local = sum(count_targets(b["labels"]) for b in micro)
+            n_targets = int(all_reduce(n_local))
             step_loss, _ = backward_token_mean(model, micro, vocab, chunk_tokens=cfg.model.loss_chunk_tokens,
                                                metrics=loss_parts, normalizer=n_targets, grad_scale=world,
                                                loss_fn=loss_fn)
             step_loss = all_reduce(step_loss)
             loss_parts = {k: all_reduce(v) for k, v in loss_parts.items()}
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
                 if cfg.train.max_grad_norm
                 else None
             )
@@ -106,8 +108,7 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            f = flops.step_flops([n for b in micro for n in b["doc_lens"]], sum(count_targets(b["labels"]) for b in micro),
-                                 n_micro_batches=len(micro))
+            f = flops.step_flops([n for b in micro for n in b["doc_lens"]], n_local, n_micro_batches=len(micro))
             model_flops, hw_flops = all_reduce(f["model"]), all_reduce(f["hardware"])
             real = all_reduce(sum(b["num_tokens"] for b in micro))
             slots = all_reduce(sum(b["input_ids"].numel() for b in micro))
