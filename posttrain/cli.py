@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .compute.checkpoint import CheckpointError, find_latest
-from .config import RECIPES, ConfigError, JobConfig, dump_config, load_config, resolve_import_path
+from .compute.checkpoint import CheckpointError, find_latest, is_complete
+from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +62,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None 
         from .workflow.spmd import launch
 
         return launch(cfg, run_dir, ray_address=ray_address)
-    recipe = resolve_import_path(RECIPES.get(cfg.recipe, cfg.recipe), key="recipe")
-    return recipe(cfg, run_dir)
+    return load_recipe(cfg)(cfg, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             print("verify: ok" if ok else "verify: FAILED (differences above tolerance)")
             return 0 if ok else 1
         if args.cmd == "export":
-            from .compute.checkpoint import export_checkpoint
+            from .workflow.export import export_checkpoint
 
             ckpt = Path(args.checkpoint)
-            if not (ckpt / "meta.json").is_file():
+            if not is_complete(ckpt):
                 ckpt = find_latest(ckpt / "checkpoints") or ckpt
             print(f"exported {ckpt} -> {export_checkpoint(ckpt, Path(args.out) if args.out else None)}")
             return 0
         if args.cmd == "validate" and args.schema:
-            print(json.dumps(JobConfig.model_json_schema(), indent=2))
+            print(json.dumps(job_schema(), indent=2))
             return 0
         if args.job is None:
             raise ConfigError("validate: give a job file (or --schema)")

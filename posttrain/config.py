@@ -7,7 +7,9 @@ Every error names the file (or the override) and the full key path, plus the YAM
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,7 +134,12 @@ class ExportConfig(Strict):
 
 
 class JobConfig(Strict):
-    recipe: str = Field(description="sft, or an import path 'pkg.mod:fn'")
+    """The job file. Besides the pillar sections it holds the chosen recipe's own section (`dpo:`,
+    `distill:`, or a custom recipe's), typed by the recipe module's `Config` model."""
+
+    # extra keys hold the recipe's section only; anything else is refused (see _recipe_section)
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    recipe: str = Field(description="sft | dpo | distill, or a custom recipe 'pkg.mod:run' / 'path/to/file.py:run'")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -146,27 +153,114 @@ class JobConfig(Strict):
             raise ValueError(f"unknown recipe {v!r}; choose one of {sorted(RECIPES)} or give an import path 'pkg.mod:fn'")
         return v
 
+    @model_validator(mode="after")
+    def _recipe_section(self):
+        """Type the recipe's section with its `Config`; refuse any other extra top-level key.
+        (`load_config` reports the same problems with file:line before this runs.)"""
+        extra = self.__pydantic_extra__ or {}
+        section, model = recipe_section(self.recipe)
+        for key in extra:
+            if key != section:
+                raise ValueError(_stray_section_msg(key, self.recipe))
+        if model is not None and not isinstance(extra.get(section), model):
+            try:
+                extra[section] = model.model_validate(extra.get(section) or {})
+            except ValidationError as e:
+                raise ValueError("; ".join(f"{_dotted((section, *err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        elif model is None and section in extra:
+            raise ValueError(f"{section}: recipe {self.recipe!r} takes no section of its own")
+        return self
+
+    @property
+    def section(self) -> BaseModel | None:
+        """The recipe's own section (e.g. the DPOConfig of a `dpo:` job), None if it has none."""
+        return (self.__pydantic_extra__ or {}).get(recipe_section(self.recipe)[0])
+
     def import_paths(self) -> dict[str, str]:
         """Every component plugged in by import path, by config key."""
-        paths = {"recipe": RECIPES.get(self.recipe, self.recipe)}
+        paths = {"recipe": recipe_path(self.recipe)}
         if self.data.transform:
             paths["data.transform"] = self.data.transform
         return paths
 
 
-RECIPES = {"sft": "posttrain.recipes.sft:run"}
+RECIPES = {
+    "sft": "posttrain.recipes.sft:run",
+}
+
+
+def recipe_path(recipe: str) -> str:
+    return RECIPES.get(recipe, recipe)
+
+
+def load_recipe(cfg: "JobConfig"):
+    """The recipe's `run(cfg, run_dir)` function."""
+    return resolve_import_path(recipe_path(cfg.recipe), key="recipe")
+
+
+def job_schema() -> dict:
+    """JSON schema of job files, with every built-in recipe's section (`dpo:`, `distill:`, ...)."""
+    schema = JobConfig.model_json_schema()
+    for name in RECIPES:
+        section, model = recipe_section(name)
+        if model is not None:
+            sub = model.model_json_schema()
+            schema.setdefault("$defs", {}).update(sub.pop("$defs", {}))
+            sub["description"] = f"only with recipe: {name}. " + sub.get("description", "")
+            schema["properties"][section] = sub
+    return schema
+
+
+def recipe_section(recipe: str) -> tuple[str, type[BaseModel] | None]:
+    """(section name, its pydantic model or None) of a recipe. A built-in recipe's section is named
+    after it; a custom recipe module names its section with `SECTION` (default: the module name) and
+    types it with `Config`. Imports the recipe module (it is resolved at validation anyway)."""
+    spec = recipe_path(recipe)
+    mod_name = spec.rpartition(":")[0]
+    module = import_module(mod_name, key="recipe")
+    default = recipe if recipe in RECIPES else Path(mod_name).stem.rsplit(".", 1)[-1]
+    return getattr(module, "SECTION", default), getattr(module, "Config", None)
+
+
+def _stray_section_msg(key: str, recipe: str) -> str:
+    if key in RECIPES:
+        return f"{key}: this is the section of recipe {key!r}, but the job's recipe is {recipe!r}; remove it or set recipe: {key}"
+    return f"{key}: unknown key (check the spelling; see `posttrain validate --schema`)"
 
 
 # ------------------------------------------------------------------------------------- import paths
-def resolve_import_path(spec: str, *, key: str) -> Any:
-    """`"pkg.module:attr.sub"` -> the object, with an error naming the config key on failure."""
-    if ":" not in spec:
-        raise ConfigError(f"{key}: {spec!r} is not an import path; expected 'package.module:name'")
-    mod_name, _, attr = spec.partition(":")
+def import_module(mod_name: str, *, key: str):
+    """A module by dotted name, or a Python file by path (`path/to/file.py`, relative to the current
+    directory), with an error naming the config key on failure."""
+    if mod_name.endswith(".py"):
+        path = Path(mod_name).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{key}: no such Python file {mod_name!r} (relative paths start at {Path.cwd()})")
+        name = f"posttrain_user_{path.stem}_{abs(hash(str(path))):x}"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ConfigError(f"{key}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
+        return module
     try:
-        obj = importlib.import_module(mod_name)
+        return importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e})") from e
+
+
+def resolve_import_path(spec: str, *, key: str) -> Any:
+    """`"pkg.module:attr.sub"` or `"path/to/file.py:attr"` -> the object, with an error naming the
+    config key on failure."""
+    if ":" not in spec:
+        raise ConfigError(f"{key}: {spec!r} is not an import path; expected 'package.module:name' or 'file.py:name'")
+    mod_name, _, attr = spec.rpartition(":")
+    obj = import_module(mod_name, key=key)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -248,23 +342,52 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"{path}: the job file must be a mapping of sections (recipe, model, data, ...)")
     origin = apply_overrides(raw, overrides or [])
     lines = _yaml_lines(text)
-    try:
-        cfg = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        msgs = []
+    _absolute_file_paths(raw, path.parent)
+
+    def where(loc: tuple) -> str:
+        src = next((f"override {o!r}" for p, o in origin.items() if loc[: len(p)] == p), None)
+        if src is None:
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+            src = f"{path}:{line}" if line else str(path)
+        return src
+
+    msgs = []
+
+    def collect(e: ValidationError, prefix: tuple = ()) -> None:
         for err in e.errors():
-            loc = tuple(err["loc"])
-            src = next((f"override {o!r}" for p, o in origin.items() if loc[: len(p)] == p), None)
-            if src is None:
-                line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-                src = f"{path}:{line}" if line else str(path)
+            loc = prefix + tuple(err["loc"])
             msg = err["msg"]
             msg = msg[0].lower() + msg[1:] if msg else msg
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see `posttrain validate --schema`)"
-            key = _dotted(loc) or "(top level)"
-            msgs.append(f"{src}: {key}: {msg}")
+            msgs.append(f"{where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
+
+    # The recipe's own section is checked against its Config model, other top-level keys against
+    # JobConfig, so that every error carries its file:line and full key path.
+    section, model = None, None
+    if isinstance(raw.get("recipe"), str) and (raw["recipe"] in RECIPES or ":" in raw["recipe"]):
+        try:
+            section, model = recipe_section(raw["recipe"])
+        except ConfigError as e:
+            raise ConfigError(f"{where(('recipe',))}: {e}") from None
+    known = set(JobConfig.model_fields)
+    for key in raw:
+        if key not in known and key != section:
+            msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'))}")
+    if section in raw and model is None:
+        msgs.append(f"{where((section,))}: {section}: recipe {raw['recipe']!r} takes no section of its own")
+    elif model is not None:
+        try:
+            model.model_validate(raw.get(section) or {})
+        except ValidationError as e:
+            collect(e, (section,))
+    try:
+        JobConfig.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError as e:
+        collect(e)
+    if msgs:
         raise ConfigError("\n".join(msgs)) from None
+    cfg = JobConfig.model_validate(raw)
     # Resolve plugged-in components now (also in `posttrain validate`), not an hour into the run.
     for key, spec in cfg.import_paths().items():
         try:
@@ -273,6 +396,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
             src = origin.get(tuple(key.split(".")))
             raise ConfigError(f"{f'override {src!r}' if src else path}: {e}") from None
     return cfg
+
+
+def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
+    """`path/to/file.py:fn` components are looked up next to the job file, then in the current
+    directory, and stored absolute (Ray workers run elsewhere)."""
+    def fix(spec):
+        if not isinstance(spec, str) or ".py:" not in spec:
+            return spec
+        file, _, attr = spec.rpartition(":")
+        for base in (job_dir, Path.cwd()):
+            if (base / file).is_file():
+                return f"{(base / file).resolve()}:{attr}"
+        return spec
+
+    raw["recipe"] = fix(raw.get("recipe"))
+    if isinstance(raw.get("data"), dict) and "transform" in raw["data"]:
+        raw["data"]["transform"] = fix(raw["data"]["transform"])
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:

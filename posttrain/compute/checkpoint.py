@@ -3,7 +3,8 @@
     <output_dir>/checkpoints/
         step_00000300/
             model_optim/      torch.distributed.checkpoint (sharded on N ranks): trainable weights + AdamW
-            rank_00000.pt     per rank: data-loader state (cursors, mixer, packer buffer), RNG states
+            rank_00000.pt     per rank: data-loader state (cursors, mixer, packer buffer), RNG states,
+                              and the recipe's own registered states
             trainer.pt        LR scheduler, step
             meta.json         step, world size, tokenizer fingerprint, resolved config; written last
         latest             name of the newest complete checkpoint, replaced atomically
@@ -114,8 +115,10 @@ def save_checkpoint(
     scheduler,
     data_state: dict,
     meta: dict,
+    states: dict | None = None,
     keep: int | None = None,
 ) -> Path:
+    """`states`: this rank's recipe states (name -> state_dict), restored by `load_checkpoint`."""
     rank, world = rank_world()
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
@@ -127,7 +130,7 @@ def save_checkpoint(
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
     with _single_process_quiet():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
-    torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    torch.save({"data": data_state, "rng": rng_state(), "states": states or {}}, tmp / f"rank_{rank:05d}.pt")
     checksum = frozen_checksum(model)  # collective: every rank
     _barrier()
     if rank == 0:
@@ -152,7 +155,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    dirs = [d for d in root.glob("step_*") if d.is_dir() and (d / "meta.json").is_file()]
+    dirs = [d for d in root.glob("step_*") if is_complete(d)]
     return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
 
 
@@ -161,18 +164,16 @@ def find_latest(ckpt_root: Path) -> Path | None:
     pointer = root / "latest"
     if pointer.is_file():
         d = root / pointer.read_text().strip()
-        if (d / "meta.json").is_file():
+        if is_complete(d):
             return d
     done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model/optimizer/scheduler/RNG in place; return {"step", "data", "meta"}."""
+    """Restore model/optimizer/scheduler/RNG in place; return {"step", "data", "states", "meta"}."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path}: not a complete posttrain checkpoint (no meta.json)")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     rank, world = rank_world()
     if meta["world_size"] != world:
         raise CheckpointError(
@@ -189,7 +190,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     scheduler.load_state_dict(trainer["scheduler"])
     mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
     set_rng_state(mine["rng"])
-    return {"step": trainer["step"], "data": mine["data"], "meta": meta}
+    return {"step": trainer["step"], "data": mine["data"], "states": mine.get("states", {}), "meta": meta}
 
 
 def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
@@ -199,36 +200,32 @@ def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
     if spec == "auto":
         return find_latest(ckpt_root)
     path = Path(spec)
-    if not (path / "meta.json").is_file():
+    if not is_complete(path):
         raise CheckpointError(f"compute.resume: {spec!r} is not a complete posttrain checkpoint directory")
     return path
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path | None = None) -> Path:
-    """Export a training checkpoint (of any number of workers: DCP reshards on load) to a plain HF
-    directory, in this process: the model is rebuilt from the checkpoint's own resolved config."""
+def is_complete(path: Path) -> bool:
+    """A checkpoint dir is complete once renamed into place; meta.json, written last, is inside."""
+    return (Path(path) / "meta.json").is_file()
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete posttrain checkpoint (no meta.json)")
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> dict:
+    """Load only the model weights of a checkpoint (of any number of workers: DCP reshards on load)
+    into an unsharded `model` in this process; returns the checkpoint's meta."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from ..config import JobConfig
-    from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
-    from ..model.export import export_hf
-    from ..model.load import load_model
-    from .device import seed_everything
-
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "meta.json").is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a complete posttrain checkpoint (no meta.json)")
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
-    cfg = JobConfig.model_validate(meta["config"])
-    tok = load_tokenizer(cfg.model)
-    if fingerprint(tok) != meta["tokenizer_fingerprint"]:
-        raise TokenizerMismatchError(f"{ckpt_dir}: the tokenizer at model.path differs from the one it was trained with")
-    seed_everything(cfg.train.seed)  # as the recipe does: resized vocab rows are drawn from the RNG
-    model = load_model(cfg.model, tok, device=torch.device("cpu"), dtype=torch.float32, merge_lora=cfg.export.merge_lora)
-    _check_frozen(model, meta, ckpt_dir)
+    meta = read_meta(path)
+    _check_frozen(model, meta, Path(path))
     state = {"model": get_model_state_dict(model, options=_OPTS)}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(ckpt_dir / "model_optim"), no_dist=True)
+        dcp.load(state, checkpoint_id=str(Path(path) / "model_optim"), no_dist=True)
     set_model_state_dict(model, state["model"], options=_OPTS)
-    out = Path(out_dir) if out_dir else ckpt_dir.parent.parent / f"hf-{ckpt_dir.name}"
-    return export_hf(model, tok, out, merge_lora=cfg.export.merge_lora, meta={"base_model": cfg.model.path, "steps": meta["step"]})
+    return meta

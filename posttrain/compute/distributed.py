@@ -18,44 +18,40 @@ def is_distributed() -> bool:
 
 def all_reduce(value: float | int, op: str = "sum") -> float:
     """Reduce a python number over ranks (identity in one process)."""
-    if not is_distributed():
-        return value
+    return all_reduce_many([value], op)[0] if is_distributed() else value
+
+
+def all_reduce_many(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce several python numbers over ranks in one collective (float64)."""
+    if not is_distributed() or not values:
+        return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return t.item()
+    return t.tolist()
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks of an HF causal LM (through a peft wrapper)."""
-    from ..model.load import unwrap
-
-    decoder = unwrap(model).get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(decoder).__name__} has no .layers; cannot shard it per decoder layer")
-    return list(layers)
-
-
-class LossModule(torch.nn.Module):
-    """The FSDP2 root: its forward is our loss (decoder + chunked head outside the model's own
-    forward), so FSDP2 gathers the root-level weights (embeddings, final norm, head) around it and
-    reduce-scatters their gradients, exactly as for a plain `model(...)` call."""
+class Root(torch.nn.Module):
+    """The FSDP2 root around a model: `root(fn, *args)` runs `fn(model, *args)`, so FSDP2 gathers the
+    root-level weights (embeddings, final norm, head) around *any* loss function (decoder + chunked
+    head outside the model's own forward) and reduce-scatters their gradients, exactly as for a plain
+    `model(...)` call. Without sharding it is a plain call."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict, vocab_size: int | None, *, chunk_tokens: int | None = None):
-        from ..model.loss import lm_loss
-
-        return lm_loss(self.model, batch, vocab_size, chunk_tokens=chunk_tokens)
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
 
 
-def shard_fsdp2(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32) -> LossModule:
-    """FSDP2 (`fully_shard`) over a 1-D DeviceMesh: each decoder layer, then a `LossModule` root around
-    the model; returns the root (call it as the loss function). Parameters stay in their loaded dtype;
-    `param_dtype` (e.g. bf16 on GPU) is the compute dtype, gradients are reduced in `reduce_dtype`."""
+def shard_fsdp2(
+    model: torch.nn.Module, layers: list[torch.nn.Module], *, param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+) -> Root:
+    """FSDP2 (`fully_shard`) over a 1-D DeviceMesh: each of `layers` (the decoder blocks), then a
+    `Root` around the model; returns the root. Parameters stay in their loaded dtype; `param_dtype`
+    (e.g. bf16 on GPU) is the compute dtype, gradients are reduced in `reduce_dtype`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -63,9 +59,9 @@ def shard_fsdp2(model: torch.nn.Module, *, param_dtype: torch.dtype | None = Non
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    root = LossModule(model)
+    root = Root(model)
     fully_shard(root, mesh=mesh, mp_policy=mp)
     return root
 

@@ -18,15 +18,23 @@ from typing import Any, Callable
 from ..config import ConfigError, DataConfig, resolve_import_path
 from .mixer import Mixer
 from .packing import make_batch
-from .records import BadRecord, RecordStats, Sample, encode_record, fit_length
+from .records import BadRecord, RecordStats, Sample, encode_sft_record
 from .sources import Source, parse_record
+
+# encode(tokenizer, record, "file:line", data config, record stats) -> Sample, or raise BadRecord.
+# It runs after parsing and data.transform and applies the length policy itself (the stats count
+# truncations). Default: SFT (`records.encode_sft_record`); preference pairs:
+# `pairs.encode_pair_record`.
+Encode = Callable[[Any, dict, str, DataConfig, RecordStats], Sample]
 
 
 class SampleStream:
-    """Synchronous: mixer -> parse -> transform -> encode -> length policy, with the bad-record policy."""
+    """Synchronous: mixer -> parse -> transform -> encode (+ length policy), with the bad-record policy."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1,
+                 encode: Encode | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.encode: Encode = encode if encode is not None else encode_sft_record
         sources = [
             Source(s.path, seed=seed, rank=rank, world_size=world_size, shuffle=cfg.shuffle,
                    window=cfg.shuffle_window, storage_options=cfg.storage_options)
@@ -34,7 +42,6 @@ class SampleStream:
         ]
         self.mixer = Mixer(sources, [s.weight for s in cfg.sources], seed=seed, on_exhausted=cfg.on_exhausted, max_epochs=cfg.max_epochs)
         self.transform: Callable | None = resolve_import_path(cfg.transform, key="data.transform") if cfg.transform else None
-        self.max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
         self.stats = RecordStats()
 
     def next(self) -> Sample | None:
@@ -68,7 +75,7 @@ class SampleStream:
             rec = self.transform(rec)
             if rec is None:
                 return None
-        return fit_length(encode_record(self.tokenizer, rec, where, self.cfg.format), self.max_len, self.cfg.overlong, self.stats)
+        return self.encode(self.tokenizer, rec, where, self.cfg, self.stats)
 
     def epoch(self) -> int:
         return max(s.cursor.epoch for s in self.mixer.sources)
@@ -92,11 +99,12 @@ _END = object()
 class DataLoader:
     """Endless (or until the data runs out) iterator of micro-batch dicts, with exact state."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1, background: bool = True):
+    def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1, background: bool = True,
+                 encode: Encode | None = None):
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token (posttrain.data.tokenizer.load_tokenizer adds one)")
         self.cfg, self.pad_id, self.background = cfg, tokenizer.pad_token_id, background
-        self.stream = SampleStream(cfg, tokenizer, seed=seed, rank=rank, world_size=world_size)
+        self.stream = SampleStream(cfg, tokenizer, seed=seed, rank=rank, world_size=world_size, encode=encode)
         self.buffer: list[Sample] = []
         self.wait_s = 0.0  # time the consumer spent blocked on data
         self._state = self._snapshot()
@@ -203,9 +211,9 @@ class DataLoader:
         return {s.path: round(c / total, 4) for s, c in zip(self.cfg.sources, counts)}
 
 
-def load_samples(cfg: DataConfig, tokenizer, *, seed: int = 0) -> tuple[list[Sample], RecordStats]:
+def load_samples(cfg: DataConfig, tokenizer, *, seed: int = 0, encode: Encode | None = None) -> tuple[list[Sample], RecordStats]:
     """Every sample of one pass over the sources, in streaming order (for tests and small tools)."""
-    stream = SampleStream(cfg.model_copy(update={"max_epochs": 1}), tokenizer, seed=seed)
+    stream = SampleStream(cfg.model_copy(update={"max_epochs": 1}), tokenizer, seed=seed, encode=encode)
     samples = []
     while (s := stream.next()) is not None:
         samples.append(s)

@@ -1,11 +1,19 @@
 """Fill fixed token budgets from a rolling buffer of tokenized samples.
 
+The buffer holds *units* (`Sample`s): an SFT sample is a unit of one document, a preference pair a
+unit of two (chosen, rejected). A unit is never split: it goes into a micro-batch whole or not at all.
+
 Packed mode: one row of exactly `max_tokens` per micro-batch, filled best-fit-decreasing from the
-buffer (longest sample that fits first, then the next longest that fits the remaining room, ...).
-Every document gets `position_ids` restarting at 0, which is the document mask, and label -100 on
-its first token, so nothing is trained across a boundary. The unfilled tail is one padding segment
-(its own positions, label -100). Padded mode (`packing: false`): samples in arrival order, as many
-as fit the budget counted with padding, right-padded to the longest, with an attention mask.
+buffer (longest unit that fits first, then the next longest that fits the remaining room, ...).
+Every document of every unit gets `position_ids` restarting at 0, which is the document mask, and
+label -100 on its first token, so nothing is trained across a boundary. The unfilled tail is one
+padding segment (its own positions, label -100). Padded mode (`packing: false`): units in arrival
+order, each document its own row, as many units as fit the budget counted with padding (rows x
+longest row), right-padded to the longest, with an attention mask.
+
+Every batch carries `doc_lens` (each document's length, in order) and `unit_docs` (the number of
+documents of each unit, in order; sum(unit_docs) == len(doc_lens)). `target_doc_index` maps each
+loss target to its document.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from .records import Sample
 
 
 def take_best_fit(buffer: list[Sample], budget: int) -> list[int]:
-    """Indices of buffer samples chosen best-fit-decreasing for one bin of `budget` tokens."""
+    """Indices of buffer units chosen best-fit-decreasing (by a unit's total length) for one bin."""
     order = sorted(range(len(buffer)), key=lambda i: (-len(buffer[i].input_ids), i))
     chosen, room = [], budget
     for i in order:
@@ -30,23 +38,29 @@ def take_best_fit(buffer: list[Sample], budget: int) -> list[int]:
 
 
 def take_in_order(buffer: list[Sample], budget: int) -> list[int]:
-    """Leading buffer samples that fit `budget` tokens counted with padding (rows x longest)."""
-    longest = 0
+    """Leading buffer units whose documents, one row each, fit `budget` tokens counted with padding
+    (rows x longest row). At least one unit is always taken."""
+    longest, rows = 0, 0
     for i, s in enumerate(buffer):
-        longest = max(longest, len(s.input_ids))
-        if longest * (i + 1) > budget:
+        docs = s.docs
+        longest = max(longest, max(docs))
+        rows += len(docs)
+        if longest * rows > budget:
             return list(range(max(i, 1)))
     return list(range(len(buffer)))
 
 
 def pack_row(samples: list[Sample], budget: int, pad_id: int) -> dict:
-    ids, labels, pos, lens = [], [], [], []
+    ids, labels, pos, lens, units = [], [], [], [], []
     for s in samples:
-        n = len(s.input_ids)
-        ids += s.input_ids
-        labels += (-100,) + tuple(s.labels[1:])
-        pos += range(n)
-        lens.append(n)
+        start = 0
+        for n in s.docs:
+            ids += s.input_ids[start : start + n]
+            labels += (-100,) + tuple(s.labels[start + 1 : start + n])
+            pos += range(n)
+            lens.append(n)
+            start += n
+        units.append(len(s.docs))
     real = len(ids)
     tail = budget - real
     if tail > 0:
@@ -58,25 +72,34 @@ def pack_row(samples: list[Sample], budget: int, pad_id: int) -> dict:
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "doc_lens": lens,
+        "unit_docs": units,
         "num_tokens": real,
     }
 
 
 def pad_batch(samples: list[Sample], pad_id: int) -> dict:
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        labels[i, :n] = torch.tensor(s.labels)
+    """Each document of each unit its own row (a pair: chosen row, then rejected row), right-padded."""
+    rows = []  # (input_ids, labels) per document
+    for s in samples:
+        start = 0
+        for n in s.docs:
+            rows.append((s.input_ids[start : start + n], s.labels[start : start + n]))
+            start += n
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r_ids, r_labels) in enumerate(rows):
+        n = len(r_ids)
+        ids[i, :n] = torch.tensor(r_ids)
+        labels[i, :n] = torch.tensor(r_labels)
         attn[i, :n] = 1
     return {
         "input_ids": ids,
         "labels": labels,
         "attention_mask": attn,
-        "doc_lens": [len(s.input_ids) for s in samples],
+        "doc_lens": [len(r[0]) for r in rows],
+        "unit_docs": [len(s.docs) for s in samples],
         "num_tokens": int(attn.sum()),
     }
 
@@ -89,3 +112,30 @@ def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool)
     rest = [s for i, s in enumerate(buffer) if i not in picked]
     batch = pack_row(samples, budget, pad_id) if packing else pad_batch(samples, pad_id)
     return batch, rest
+
+
+def target_doc_index(batch: dict) -> torch.LongTensor:
+    """For every loss target, in the order `labels[:, 1:] != -100` selects them (row-major, as
+    `posttrain.model.loss.select_targets`), the index into `batch["doc_lens"]` of its document.
+
+    Packed batches (no attention_mask): one row, the documents end to end, then a padding tail.
+    Padded batches: row i is document i. Per-document sums of per-token values:
+    `torch.zeros(len(batch["doc_lens"])).index_add_(0, target_doc_index(batch), values)`.
+    """
+    labels = batch["labels"]
+    lens = [int(n) for n in batch["doc_lens"]]
+    rows, width = labels.shape
+    device = labels.device
+    if batch.get("attention_mask") is None:  # packed
+        if rows != 1:
+            raise ValueError(f"target_doc_index: a packed batch has one row, got {rows}")
+        total = sum(lens)
+        if total > width:
+            raise ValueError(f"target_doc_index: doc_lens sum to {total} > row width {width}")
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+        doc = torch.cat([doc, torch.full((width - total,), len(lens), dtype=torch.long, device=device)])[None]
+    else:  # padded: one document per row
+        if rows != len(lens):
+            raise ValueError(f"target_doc_index: a padded batch has one row per document, got {rows} rows and {len(lens)} documents")
+        doc = torch.arange(rows, device=device)[:, None].expand(rows, width)
+    return doc[:, 1:][labels[:, 1:] != -100]

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 
 class BadRecord(ValueError):
@@ -22,11 +26,22 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """Immutable, so loader state snapshots can share samples instead of copying them."""
+    """One packing unit. Immutable, so loader state snapshots can share samples instead of copying them.
+
+    A unit holds one or more documents laid end to end in `input_ids` (a preference pair: chosen
+    then rejected). `doc_lens` gives their lengths; None means the whole sample is one document.
+    The packer never splits a unit, and every document gets its own positions and attention.
+    """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]  # -100 where no loss
     where: str  # file:line, for error messages
+    doc_lens: tuple[int, ...] | None = None  # None: one document
+
+    @property
+    def docs(self) -> tuple[int, ...]:
+        """Lengths of the unit's documents, in order (one entry for a single-document sample)."""
+        return self.doc_lens if self.doc_lens is not None else (len(self.input_ids),)
 
 
 @dataclass
@@ -99,3 +114,10 @@ def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Samp
         raise BadRecord(s.where, "empty_mask", f"nothing to train on after truncation to data.max_seq_len={max_len}")
     stats.truncated += 1
     return Sample(s.input_ids[:max_len], labels, s.where)
+
+
+def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample:
+    """The loader's default `encode`: one SFT record -> one single-document Sample of at most
+    min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest)."""
+    sample = encode_record(tokenizer, rec, where, cfg.format)
+    return fit_length(sample, min(cfg.max_seq_len, cfg.max_tokens_per_batch), cfg.overlong, stats)

@@ -16,6 +16,8 @@ routes attention through the interface gets it by `attn_implementation="posttrai
 from __future__ import annotations
 
 import torch
+
+from .hf import unwrap
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -129,8 +131,6 @@ def default_attention(device: torch.device) -> str:
 def check_document_isolation(model: torch.nn.Module, vocab_size: int) -> float:
     """Probe the configured backend: a document's logits must not change when another document is
     packed before it. Returns the max abs difference (the caller fails closed above tolerance)."""
-    from .load import unwrap
-
     base = unwrap(model)
     device = next(base.parameters()).device
     g = torch.Generator().manual_seed(0)

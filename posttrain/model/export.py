@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ..data.tokenizer import write_fingerprint
-from .load import unwrap
+from .hf import unwrap
 
 
 def padded_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hf import unwrap
+
 from ..config import ConfigError
 
 ROLES = ("attention", "mlp", "head")
@@ -83,8 +85,6 @@ def family_of(model_or_config) -> Family | None:
     """The family of a model (or its config), by class name / config.architectures."""
     names = []
     if isinstance(model_or_config, torch.nn.Module):
-        from .load import unwrap
-
         base = unwrap(model_or_config)
         names.append(type(base).__name__)
         cfg = base.config

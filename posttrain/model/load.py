@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from ..config import ConfigError, ModelConfig
 from .attention import NAME, check_document_isolation, default_attention
+from .families import check_supported, family_of, lora_targets
+from .hf import unwrap  # noqa: F401  (re-exported: posttrain.model.load.unwrap)
 
 
 def load_model(
@@ -35,8 +37,6 @@ def load_model(
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load a causal LM from {cfg.path!r}: {e}") from e
     model.config.use_cache = False
-    from .families import check_supported
-
     check_supported(model, allow_unverified=cfg.allow_unverified)
     text_cfg = model.config.get_text_config()
     if cfg.output_router_logits is not None:
@@ -91,8 +91,6 @@ def resize_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, 
 def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    from .families import family_of, lora_targets
-
     lc = cfg.lora
     fam = family_of(model)
     modules, params = lc.target_modules, None
@@ -116,9 +114,3 @@ def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> torch.nn.Module:
             return get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"model.lora.{key}: {e}") from e
-
-
-def unwrap(model: torch.nn.Module) -> PreTrainedModel:
-    """The underlying transformers model (through a peft wrapper if any)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if get_base is not None else model

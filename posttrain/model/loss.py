@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .load import unwrap
+from .hf import unwrap
 
 IGNORE = -100
 # auto chunk size: about this many bytes of fp32 logits per chunk
@@ -353,21 +353,27 @@ def backward_token_mean(
     """
     n = normalizer if normalizer is not None else sum(count_targets(mb["labels"]) for mb in micro_batches)
     _, coef = router_aux_settings(model)
-    total = ce_total = aux_total = 0.0
-    has_aux = False
+    total = 0.0
+    parts_total: dict[str, float] = {}
     for mb in micro_batches:
         parts = (loss_fn or partial(lm_loss, model))(mb, vocab_size, chunk_tokens=chunk_tokens)
-        loss = parts.ce_sum / max(n, 1)
-        ce_total += loss.item()
-        if parts.aux is not None:
-            has_aux = True
-            w = parts.n_targets / max(n, 1)
-            loss = loss + coef * w * parts.aux
-            aux_total += w * parts.aux.item()
+        loss, shares = token_mean_share(parts, n, coef)
         (loss * grad_scale if grad_scale != 1.0 else loss).backward()
         total += loss.item()
+        for k, v in shares.items():
+            parts_total[k] = parts_total.get(k, 0.0) + v.item()
     if metrics is not None:
-        metrics["ce_loss"] = ce_total
-        if has_aux:
-            metrics["aux_loss"] = aux_total
+        metrics.update(parts_total)
     return total, n
+
+
+def token_mean_share(parts: LossParts, n: int, coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's share of the step's token-mean loss, `n` the step's target count:
+    CE_sum / n, plus (MoE) coef * (n_j / n) * aux_j; and its parts {ce_loss, aux_loss}."""
+    ce = parts.ce_sum / max(n, 1)
+    shares = {"ce_loss": ce}
+    if parts.aux is None:
+        return ce, shares
+    w = parts.n_targets / max(n, 1)
+    shares["aux_loss"] = w * parts.aux
+    return ce + coef * w * parts.aux, shares

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..compute.metrics import console
-from ..config import RECIPES, JobConfig, resolve_import_path
+from ..config import JobConfig, load_recipe
 from .worker_group import DistributedWorker, ResourcePool, WorkerGroup
 
 
@@ -29,9 +29,8 @@ class RecipeWorker(DistributedWorker):
         self.cfg = JobConfig.model_validate_json(cfg_json)
 
     def run(self, run_dir: str) -> dict:
-        recipe = resolve_import_path(RECIPES.get(self.cfg.recipe, self.cfg.recipe), key="recipe")
         try:
-            return recipe(self.cfg, Path(run_dir))
+            return load_recipe(self.cfg)(self.cfg, Path(run_dir))
         finally:
             import torch.distributed as dist
 

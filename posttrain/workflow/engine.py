@@ -1,0 +1,354 @@
+"""The training engine every recipe calls: what must be identical across methods lives here once.
+
+    job = Engine.setup(cfg, run_dir)          # device/dtype/threads, tokenizer, policy (LoRA, padded
+                                              # vocab, checkpointing), FSDP2 root, optimizer, schedule
+    ref = job.frozen("adapters")              # a reference / teacher: no grad, sharded like the policy
+    for step in job.steps(job.loader(), **states):   # resume first; log + checkpoint after each step
+        n = step.total(fn)                    # a normaliser over the *global* step (all micro-batches, ranks)
+        for b in step.micro:                  # this rank's micro-batches
+            out = job.forward(loss_fn, b)     # any loss fn(model, batch) inside the FSDP2 root
+            step.backward(loss, **metrics)    # loss already divided by the global normaliser
+        step.update()                         # clip, optimizer, schedule, zero grads
+    return job.finish()                       # gather, export <output_dir>/hf, samples
+
+No class to subclass and no hooks: a recipe is a loop that calls these. Conventions a recipe keeps:
+- `step.backward(loss, **metrics)`: `loss` and every metric are this micro-batch's *share* of the
+  global step value (divided by a global count from `step.total`), so summing them over micro-batches
+  and ranks gives the step's value. The engine scales the backward for FSDP2's gradient average.
+- Frozen-model forward FLOPs are counted on their own line (`frozen_mfu`), beside the policy's
+  training FLOPs (`policy_mfu`); `mfu` is their sum over the step time.
+- Any object with `state_dict`/`load_state_dict` passed to `steps(...)` is checkpointed per rank and
+  restored on resume, with the model, optimizer, schedule, data loader and RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..compute.device import choose_device, choose_dtype, seed_everything
+from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
+from ..compute.flops import FlopCounter, mfu, peak_flops
+from ..compute.metrics import MetricsLogger, console, peak_memory_gb
+from ..compute.optim import build_optimizer, build_scheduler
+from ..config import ConfigError, JobConfig, ModelConfig
+from ..data.loader import DataLoader
+from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
+from ..model.export import export_hf
+from ..model.hf import decoder_layers, unwrap
+from ..model.load import load_model
+from ..model.loss import count_targets
+from ..model.sample import sample_chat
+
+
+def _forward_flops(counter: FlopCounter, batch: dict) -> float:
+    """Matmul FLOPs of one forward over a batch (decoder on real tokens, head on target positions)."""
+    parts = counter.breakdown(batch["doc_lens"], count_targets(batch["labels"]))
+    return sum(p["forward"] for p in parts.values())
+
+
+@dataclass
+class Frozen:
+    """A model that never trains: a DPO reference or a distillation teacher. `forward(fn, batch)`
+    runs `fn(model, batch)` without gradients (in eval mode), through its own FSDP2 root when the
+    policy is sharded, and counts the forward's FLOPs for the metrics."""
+
+    engine: "Engine"
+    model: torch.nn.Module
+    root: Callable | None = None  # FSDP2 root of a separate frozen copy
+    adapters_off: bool = False  # the policy itself, with its LoRA adapters disabled
+    counter: FlopCounter | None = None
+    flops: float = 0.0  # forward FLOPs since the last step's metrics
+
+    def forward(self, fn: Callable, batch: dict, *args, **kwargs):
+        self.flops += _forward_flops(self.counter, batch)
+        with torch.no_grad(), self._mode():
+            if self.adapters_off:
+                with self.engine.model.disable_adapter():
+                    return self.engine.forward(fn, batch, *args, **kwargs)
+            return self.root(fn, batch, *args, **kwargs) if self.root is not None else fn(self.model, batch, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mode(self):
+        m = self.engine.model if self.adapters_off else self.model
+        was = m.training
+        m.eval()
+        try:
+            yield
+        finally:
+            m.train(was)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Keep the root weights (embeddings, final norm, head) unsharded inside the block: for a loss
+        that applies this model's head within the *policy's* forward (distillation)."""
+        root = self.root if self.root is not None else (self.engine.root if self.adapters_off else None)
+        if root is None or not hasattr(root, "unshard"):
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+
+
+@dataclass
+class Step:
+    """One optimizer step: this rank's micro-batches, global totals, backward, update."""
+
+    engine: "Engine"
+    index: int
+    micro: list[dict]
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0
+    grad_norm: float | None = None
+    lr: float | None = None  # of this step's update
+    updated: bool = False
+    _local_targets: int | None = None
+
+    def total(self, fn: Callable[[dict], float]) -> float:
+        """sum of fn(b) over this rank's micro-batches and over every rank (a global normaliser)."""
+        return all_reduce(sum(fn(b) for b in self.micro))
+
+    def local_targets(self) -> int:
+        """Label targets (label != -100 after the shift) in this rank's micro-batches."""
+        if self._local_targets is None:
+            self._local_targets = sum(count_targets(b["labels"]) for b in self.micro)
+        return self._local_targets
+
+    def targets(self) -> int:
+        """Label targets of the whole global step (all micro-batches, all ranks)."""
+        return int(all_reduce(self.local_targets()))
+
+    def log(self, **metrics) -> None:
+        """Add this micro-batch's share of additive metrics (summed over micro-batches and ranks)."""
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v.detach().item() if torch.is_tensor(v) else v)
+
+    def backward(self, loss: torch.Tensor, **metrics) -> None:
+        """Backward of this micro-batch's share of the step loss; FSDP2 averages gradients over
+        ranks, so the backward is scaled by the world size to make the update a global sum."""
+        world = self.engine.world
+        (loss * world if world != 1 else loss).backward()
+        self.loss += loss.item()
+        self.log(**metrics)
+
+    def update(self) -> None:
+        e = self.engine
+        clip = e.cfg.train.max_grad_norm
+        self.grad_norm = local_scalar(torch.nn.utils.clip_grad_norm_(e.trainable, clip)) if clip else None
+        self.lr = e.sched.get_last_lr()[0]
+        e.opt.step()
+        e.sched.step()
+        e.opt.zero_grad(set_to_none=True)
+        self.updated = True
+
+
+class Engine:
+    """Built by `Engine.setup`; see the module docstring."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        seed_everything(cfg.train.seed)
+        self.rank, self.world = rank_world()  # N SPMD workers run the recipe on their data shards
+        self.say = console.print if self.rank == 0 else (lambda *a, **k: None)
+        if cfg.compute.threads:
+            torch.set_num_threads(cfg.compute.threads)
+        self.device = choose_device(cfg.compute.device)
+        self.dtype = choose_dtype(cfg.model.dtype, self.device)
+        # Under FSDP2, model.dtype is the compute dtype: weights, gradients and AdamW state stay fp32.
+        self.master = torch.float32 if self.world > 1 else self.dtype
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.vocab = len(self.tokenizer)  # real vocabulary; embedding rows beyond it are padding
+        self.model = self._load(cfg.model, lora=True)
+        self.model.train()
+        self.flops = FlopCounter.from_model(self.model, vocab_size=self.vocab)  # documents, targets, LoRA, recompute
+        self.peak = peak_flops(self.device, self.dtype, override=cfg.compute.peak_flops)  # calibrated before step 1
+        self.root = self._shard(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
+        self.opt = build_optimizer(self.model, cfg.train)
+        self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps)
+        self.frozen_models: list[Frozen] = []
+        self.losses: list[float] = []
+        self.start_step = 0
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.trainable)
+        attn = unwrap(self.model).config._attn_implementation
+        self.say(f"model: {n_params:,} parameters ({n_train:,} trainable), {self.dtype}, {self.device}, attention {attn}, "
+                 f"{self.world} worker{'s' if self.world > 1 else ''}; {cfg.train.steps} steps")
+
+    @classmethod
+    def setup(cls, cfg: JobConfig, run_dir: Path) -> "Engine":
+        return cls(cfg, run_dir)
+
+    # ------------------------------------------------------------------------------ models
+    def _load(self, mcfg: ModelConfig, *, lora: bool) -> torch.nn.Module:
+        return load_model(
+            mcfg if lora else mcfg.model_copy(update={"lora": None}), self.tokenizer, device=self.device,
+            dtype=self.master, merge_lora=self.cfg.export.merge_lora, packing=self.cfg.data.packing,
+        )
+
+    def _shard(self, model: torch.nn.Module):
+        if self.world == 1:
+            return None
+        return shard_fsdp2(model, decoder_layers(model), param_dtype=self.dtype if self.dtype != self.master else None)
+
+    def forward(self, fn: Callable, batch: dict, *args, **kwargs):
+        """`fn(policy, batch, ...)`, through the FSDP2 root when sharded (so its weights are gathered)."""
+        if self.root is not None:
+            return self.root(fn, batch, *args, **kwargs)
+        return fn(self.model, batch, *args, **kwargs)
+
+    def frozen(self, source: str) -> Frozen:
+        """A frozen model for a reference or teacher:
+        - `adapters`: the policy with its LoRA adapters disabled (exact: the base never trains);
+        - `copy`: a separate frozen copy of the policy's starting weights (full fine-tuning);
+        - a model directory: another model (a teacher) that must share the policy's tokenizer."""
+        if source == "adapters":
+            if not hasattr(self.model, "disable_adapter"):
+                raise ConfigError("reference 'adapters' needs LoRA (model.lora); use 'copy' for full fine-tuning")
+            fz = Frozen(self, self.model, adapters_off=True)
+            fz.counter = FlopCounter.from_model(unwrap(self.model), vocab_size=self.vocab)
+        else:
+            if source == "copy":
+                mcfg = self.cfg.model
+            else:
+                mcfg = self.cfg.model.model_copy(update={"path": source, "tokenizer": None, "lora": None})
+                self._check_same_tokenizer(mcfg)
+            # the same seed as the policy's load: rows added by a vocabulary resize are drawn alike
+            with torch.random.fork_rng(devices=[]):
+                seed_everything(self.cfg.train.seed)
+                model = self._load(mcfg, lora=False)
+            model.requires_grad_(False)
+            model.eval()
+            fz = Frozen(self, model, root=self._shard(model))
+            fz.counter = FlopCounter.from_model(model, vocab_size=self.vocab)
+        self.frozen_models.append(fz)
+        return fz
+
+    def _check_same_tokenizer(self, mcfg: ModelConfig) -> None:
+        other = load_tokenizer(mcfg)
+        a, b = fingerprint(self.tokenizer), fingerprint(other)
+        if a != b:
+            raise TokenizerMismatchError(
+                f"{mcfg.path}: its tokenizer differs from the policy's ({self.cfg.model.tokenizer or self.cfg.model.path}): "
+                f"fingerprints {b[:16]} vs {a[:16]} (vocabulary {len(other)} vs {len(self.tokenizer)} tokens, chat "
+                f"template {'equal' if other.chat_template == self.tokenizer.chat_template else 'different'}). "
+                "Both models must tokenize text identically; a padded-vocabulary difference is fine."
+            )
+
+    # ------------------------------------------------------------------------------ data
+    def loader(self, encode: Callable | None = None) -> DataLoader:
+        """This rank's stateful loader over data.sources; `encode(tokenizer, rec, where, cfg, stats)`
+        turns a record into a packing unit (default: SFT records)."""
+        kw = {"encode": encode} if encode is not None else {}
+        return DataLoader(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank,
+                          world_size=self.world, **kw)
+
+    # ------------------------------------------------------------------------------ the loop
+    def _meta(self) -> dict:
+        return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
+
+    def _resume(self, loader: DataLoader, states: dict[str, Any]) -> int:
+        path = resolve_resume(self.cfg.compute.resume, self.run_dir / "checkpoints")
+        if path is None:
+            return 0
+        state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
+        if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
+            raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
+        loader.load_state_dict(state["data"])
+        saved = state.get("states") or {}
+        for name, obj in states.items():
+            if name not in saved:
+                raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
+            obj.load_state_dict(saved[name])
+        self.say(f"[bold]resumed[/] from {path} at step {state['step']}")
+        return state["step"]
+
+    def steps(self, loader: DataLoader, **states: Any) -> Iterator[Step]:
+        """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
+        `step.update()`: metrics, then a checkpoint every compute.checkpoint_every steps."""
+        cfg = self.cfg
+        self.start_step = start = self._resume(loader, states)
+        log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
+                            start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
+        try:
+            for i in range(start + 1, cfg.train.steps + 1):
+                t0, wait0 = time.perf_counter(), loader.wait_s
+                micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+                micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
+                if not micro:
+                    self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
+                    break
+                micro = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+                step = Step(self, i, micro)
+                yield step
+                if not step.updated:
+                    raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
+                dt = time.perf_counter() - t0
+                log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
+                if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
+                    save_checkpoint(
+                        self.run_dir / "checkpoints", i, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                        data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
+                        meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+                    )
+        finally:
+            log.close()
+            loader.close()
+        self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
+
+    def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
+        micro = step.micro
+        f = self.flops.step_flops([n for b in micro for n in b["doc_lens"]], step.local_targets(), n_micro_batches=len(micro))
+        frozen = sum(fz.flops for fz in self.frozen_models)
+        for fz in self.frozen_models:
+            fz.flops = 0.0
+        names = sorted(step.metrics)
+        local = [step.loss, f["model"], f["hardware"], frozen, sum(b["num_tokens"] for b in micro),
+                 sum(b["input_ids"].numel() for b in micro), *(step.metrics[k] for k in names)]
+        loss, model_flops, hw_flops, frozen, real, slots, *values = all_reduce_many(local)
+        self.losses.append(loss)
+        out = {
+            "step": step.index, "epoch": micro[-1]["epoch"], "loss": loss, "lr": step.lr,
+            "grad_norm": step.grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
+            "step_time_s": dt, "data_wait": data_wait, "padding": 1 - real / slots,
+            "mfu": mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world),
+            "hfu": mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world),
+        }
+        if self.frozen_models:
+            out["policy_mfu"] = mfu(model_flops / dt, self.peak, n_devices=self.world)
+            out["frozen_mfu"] = mfu(frozen / dt, self.peak, n_devices=self.world)
+        out["peak_mem_gb"] = peak_memory_gb(self.device)
+        return {**out, **dict(zip(names, values))}
+
+    # ------------------------------------------------------------------------------ the end
+    def finish(self, **extra) -> dict:
+        """Gather the full weights (a collective), export `<output_dir>/hf` on rank 0, print samples."""
+        cfg, steps = self.cfg, self.start_step + len(self.losses)
+        model = self.model
+        if self.world > 1:  # export from an unsharded copy on rank 0
+            weights = full_state_dict(model)
+            if self.rank != 0:
+                return {"steps": steps, "rank": self.rank}
+            model = load_model(cfg.model, self.tokenizer, device=torch.device("cpu"), dtype=self.dtype,
+                               merge_lora=cfg.export.merge_lora)
+            model.load_state_dict(weights)
+        result = {"steps": steps, "losses": self.losses, "start_step": self.start_step, "run_dir": str(self.run_dir), **extra}
+        if cfg.export.enabled:
+            out = export_hf(model, self.tokenizer, self.run_dir / "hf", merge_lora=cfg.export.merge_lora,
+                            meta={"base_model": cfg.model.path, "steps": steps, "recipe": cfg.recipe})
+            result["export_dir"] = str(out)
+            console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(self.tokenizer)[:12]})")
+            if cfg.export.sample_prompts:
+                texts = sample_chat(out, cfg.export.sample_prompts, max_new_tokens=cfg.export.max_new_tokens)
+                for prompt, text in zip(cfg.export.sample_prompts, texts):
+                    console.print(f"[bold]sample[/] {prompt!r} -> {text!r}")
+        return result
