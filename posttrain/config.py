@@ -186,6 +186,7 @@ class JobConfig(Strict):
 
 RECIPES = {
     "sft": "posttrain.recipes.sft:run",
+    "dpo": "posttrain.recipes.dpo:run",
 }
 
 

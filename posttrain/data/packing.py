@@ -73,6 +73,7 @@ def pack_row(samples: list[Sample], budget: int, pad_id: int) -> dict:
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "doc_lens": lens,
         "unit_docs": units,
+        "unit_where": [smp.where for smp in samples],  # file:line of each unit (a stable key)
         "num_tokens": real,
     }
 
@@ -100,6 +101,7 @@ def pad_batch(samples: list[Sample], pad_id: int) -> dict:
         "attention_mask": attn,
         "doc_lens": [len(r[0]) for r in rows],
         "unit_docs": [len(s.docs) for s in samples],
+        "unit_where": [s.where for s in samples],
         "num_tokens": int(attn.sum()),
     }
 

@@ -252,6 +252,39 @@ class Engine:
         return DataLoader(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank,
                           world_size=self.world, **kw)
 
+    def precompute(self, name: str, fn: Callable[[dict], torch.Tensor], encode: Callable | None = None) -> dict[str, torch.Tensor]:
+        """One pass over this rank's data before training: `fn(batch)` -> one row per unit, kept by
+        the unit's `file:line`. Stored in the run dir (`<name>.rank_N.pt`, atomically) and read back
+        on resume instead of being recomputed. Used for reference log-probs computed once."""
+        path = self.run_dir / f"{name}.rank_{self.rank:05d}.pt"
+        if path.is_file():
+            return torch.load(path)
+        cfg = self.cfg.data.model_copy(update={"max_epochs": 1})
+        loader = DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
+                            background=False, **({"encode": encode} if encode else {}))
+        table: dict[str, torch.Tensor] = {}
+        last = None
+        t0 = time.perf_counter()
+        while True:
+            batch = next(loader, None)
+            # every rank runs the same number of forwards: a sharded model's forward is a collective
+            if not all_reduce(batch is not None, "max"):
+                break
+            if batch is None:
+                if last is None:
+                    raise ConfigError(f"{name}: worker {self.rank} has no data while others do; use fewer compute.workers")
+                fn(last)
+                continue
+            last = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            table.update(zip(batch["unit_where"], fn(last).detach().cpu()))
+        for fz in self.frozen_models:  # the pass's forwards are not a training step's
+            fz.flops = 0.0
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(table, tmp)
+        tmp.replace(path)
+        self.say(f"{name}: {len(table)} units precomputed in {time.perf_counter() - t0:.1f} s -> {path.name}")
+        return table
+
     # ------------------------------------------------------------------------------ the loop
     def _meta(self) -> dict:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
