@@ -187,6 +187,7 @@ class JobConfig(Strict):
 RECIPES = {
     "sft": "posttrain.recipes.sft:run",
     "dpo": "posttrain.recipes.dpo:run",
+    "distill": "posttrain.recipes.distill:run",
 }
 
 

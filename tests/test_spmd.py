@@ -154,3 +154,17 @@ def test_dpo_one_worker_four_micro_equals_two_workers_two_micro(ray_local, tiny_
     assert one[-1]["loss"] < one[0]["loss"]
     w1, w2 = _weights(tmp_path / "w1"), _weights(tmp_path / "w2")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4  # AdamW magnifies fp32 summation order
+
+
+def test_distill_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """The teacher is sharded like the student; its head runs inside the student's loss (gathered)."""
+    from posttrain.tiny import build_tiny_model
+
+    teacher = build_tiny_model(tmp_path / "teacher", tiny_qwen3, hidden_size=96, num_layers=3, seed=1)
+    for out, workers, accum in ((tmp_path / "w1", 1, 2), (tmp_path / "w2", 2, 1)):
+        job = _job(tiny_qwen3, fixed_len_data, out, workers, accum, steps=3)
+        job.update(recipe="distill", distill={"teacher": str(teacher), "divergence": "reverse_kl", "alpha": 0.5})
+        run_job(JobConfig.model_validate(job))
+    one, two = _losses(tmp_path / "w1"), _losses(tmp_path / "w2")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-6, (one, two)

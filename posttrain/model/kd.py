@@ -57,8 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .load import unwrap
-from .loss import _chunk, _real_vocab, _softcap, head_logits
+from .hf import unwrap
+from .loss import _chunk, _real_vocab, _softcap, head_logits, hidden_states, select_targets
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -333,3 +333,18 @@ def kd_loss(
     )
     kd, ce = _ChunkedKD.apply(s_hidden, t_hidden.detach(), targets, spec, *params)
     return KDOut(kd, ce if targets is not None else None, int(s_hidden.shape[0]))
+
+
+# ------------------------------------------------------------------------------------- on a batch
+def selected_hidden(model: torch.nn.Module, batch: dict, vocab_size: int | None = None) -> torch.Tensor:
+    """A model's final hidden states [N, H] at the batch's target positions (a teacher's side)."""
+    return select_targets(batch, hidden_states(model, batch), vocab_size)[0]
+
+
+def batch_kd_loss(student: torch.nn.Module, batch: dict, teacher: torch.nn.Module, t_hidden: torch.Tensor, *,
+                  vocab_size: int | None = None, with_ce: bool = False, **kd) -> KDOut:
+    """`kd_loss` on a (packed) batch: the student's decoder, its hidden states at the target
+    positions, and the teacher's at the same positions (`selected_hidden`); `with_ce`: also the
+    hard-label CE sum on the batch's labels. `kd`: divergence, beta, temperature, top_k, chunk_tokens."""
+    s_hidden, targets = select_targets(batch, hidden_states(student, batch), vocab_size)
+    return kd_loss(student, s_hidden, teacher, t_hidden, vocab_size=vocab_size, targets=targets if with_ce else None, **kd)
