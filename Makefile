@@ -9,6 +9,7 @@ demo: setup
 	.venv/bin/posttrain run examples/sft_demo.yaml --overwrite
 
 test: setup
+	.venv/bin/ruff check posttrain tests examples benchmarks scripts
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -101,7 +101,8 @@ def main() -> None:
     vocabs = a.vocabs
     tokens = a.tokens or ([2048, 4096] if a.quick else [2048, 4096, 16384])
     print(f"loss forward+backward, hidden {hidden}, fp32, {os.cpu_count()} CPU cores; memory = peak RSS growth")
-    head = f"{'vocab':>7} {'tokens':>6} | {'naive GiB':>9} {'naive s':>8} | {'chunked GiB':>11} {'chunked s':>9} {'chunk':>5} | {'mem ratio':>9} {'time ratio':>10}"
+    head = (f"{'vocab':>7} {'tokens':>6} | {'naive GiB':>9} {'naive s':>8} | {'chunked GiB':>11} {'chunked s':>9} {'chunk':>5} | "
+            f"{'mem ratio':>9} {'time ratio':>10}")
     print(head)
     print("-" * len(head))
     rows = []

@@ -94,7 +94,7 @@ def main() -> None:
             speedup = packed["tok_s"] / padded["tok_s"]
             rows.append((name, padded, packed, bound, speedup))
     print(f"\nbudget {args.budget} tokens per micro-batch, {steps} timed steps per mode, tiny Qwen3 (3.5M params), 2 CPU threads\n")
-    print(f"| dataset | padded tok/s | packed tok/s | speedup | bound (padded slots / real) | share of bound | packed row fill | data wait (packed) |")
+    print("| dataset | padded tok/s | packed tok/s | speedup | bound (padded slots / real) | share of bound | packed row fill | data wait (packed) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, padded, packed, bound, speedup in rows:
         print(f"| {name} | {padded['tok_s']:,.0f} | {packed['tok_s']:,.0f} | {speedup:.2f}x | {bound:.2f}x | "

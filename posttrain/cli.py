@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
+from .compute.rundir import RunDir
 from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
 
 
@@ -42,22 +43,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None = None) -> dict:
-    run_dir = Path(cfg.compute.output_dir)
+    run = RunDir(cfg.compute.output_dir)
+    run_dir = run.root
     if overwrite:
         shutil.rmtree(run_dir, ignore_errors=True)
     # A run with checkpoints is resumed (compute.resume: auto). One that trained or exported without
     # leaving a checkpoint is never silently replaced; one that failed before its first step (bad
     # config, bad record) left nothing worth keeping.
     resumable = cfg.compute.resume not in ("never", "auto") or (
-        cfg.compute.resume == "auto" and find_latest(run_dir / "checkpoints") is not None
+        cfg.compute.resume == "auto" and find_latest(run.checkpoints) is not None
     )
-    if not resumable and ((run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists()):
+    if not resumable and (run.metrics.exists() or run.hf.exists()):
         raise ConfigError(
             f"compute.output_dir: {run_dir} already holds a run without a checkpoint to resume; choose "
             "another output_dir or pass --overwrite to replace it"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg, run.config)
     if cfg.compute.workers > 1 or ray_address:
         from .workflow.spmd import launch
 
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
             ckpt = Path(args.checkpoint)
             if not is_complete(ckpt):
-                ckpt = find_latest(ckpt / "checkpoints") or ckpt
+                ckpt = find_latest(RunDir(ckpt).checkpoints) or ckpt
             print(f"exported {ckpt} -> {export_checkpoint(ckpt, Path(args.out) if args.out else None)}")
             return 0
         if args.cmd == "validate" and args.schema:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import atomic
+
 
 class ConfigError(ValueError):
     """A job file, an override or an import path is wrong. The message is meant for the user."""
@@ -378,13 +380,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
             msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'))}")
     if section in raw and model is None:
         msgs.append(f"{where((section,))}: {section}: recipe {raw['recipe']!r} takes no section of its own")
-    elif model is not None:
+    pillars = {k: v for k, v in raw.items() if k in known}
+    if model is not None:
         try:
-            model.model_validate(raw.get(section) or {})
+            pillars[section] = model.model_validate(raw.get(section) or {})
         except ValidationError as e:
             collect(e, (section,))
+            # reported with file:line above; an unvalidated stand-in keeps JobConfig from repeating it
+            pillars[section] = model.model_construct()
     try:
-        JobConfig.model_validate({k: v for k, v in raw.items() if k in known})
+        JobConfig.model_validate(pillars)
     except ValidationError as e:
         collect(e)
     if msgs:
@@ -419,7 +424,4 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:
     """Write the fully resolved config (defaults filled in) as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    tmp.replace(path)
+    atomic.write_text(path, yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))

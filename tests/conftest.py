@@ -1,12 +1,16 @@
 """Shared fixtures: tiny models + tokenizers built locally and saved, loaded back via from_pretrained."""
 
 import json
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from posttrain.tiny import (
-    CHATML_SPECIALS,
     CHATML_TEMPLATE,
     LLAMA3_SPECIALS,
     LLAMA3_TEMPLATE,
@@ -118,3 +122,61 @@ def kill_once(rec):
         Path(marker).write_text("killed")
         os.kill(os.getpid(), signal.SIGKILL)
     return rec
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Prompt = the last user turn of a demo conversation; chosen its answer; rejected a wrong one."""
+    rng = random.Random(seed)
+    recs = []
+    for ln in DEMO_DATA.read_text().splitlines()[:n]:
+        m = json.loads(ln)["messages"]
+        q, a = m[-2]["content"], m[-1]["content"]
+        wrong = a[:-1] + rng.choice([" maybe.", "!", " or not."])
+        prompt = q if rng.random() < 0.5 else m[:-1]  # a string, or the conversation so far
+        recs.append({"prompt": prompt, "chosen": a, "rejected": {"role": "assistant", "content": wrong}})
+    return recs
+
+
+def run_and_kill(job_file, run_dir, kill_at):
+    """Start `posttrain run` in a subprocess; SIGKILL it once metrics show step >= kill_at."""
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l)["step"] >= kill_at for l in metrics.read_text().splitlines() if l.strip()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+
+
+def load_padded(path, pad_rows=0, seed=0):
+    """A tiny model through plain from_pretrained (sdpa), with `pad_rows` padded vocabulary rows made
+    large so that they would matter if they leaked into a softmax; returns (model, real vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    real = m.config.vocab_size
+    if pad_rows:
+        m.resize_token_embeddings(real + pad_rows, mean_resizing=False)
+        with torch.no_grad():
+            m.get_output_embeddings().weight[real:] = m.get_output_embeddings().weight[:pad_rows] * 3
+    return m, real
+
+
+def random_batch(V, seed=0):
+    """Two unpacked rows of 30 random ids with some -100 labels: 49 targets after the shift (a chunk
+    of 3 or 7 does not divide them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2, 30), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, :3] = -100
+    labels[1, 20:22] = -100
+    return {"input_ids": ids, "labels": labels}

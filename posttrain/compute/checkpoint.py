@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .. import atomic
 from .distributed import all_reduce, rank_world
 
 _OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -98,14 +99,6 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -142,7 +135,7 @@ def save_checkpoint(
         if final.exists():  # a re-save of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(ckpt_root / "latest", final.name)
+        atomic.write_text(ckpt_root / "latest", final.name)
         if keep:
             for old in complete_checkpoints(ckpt_root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

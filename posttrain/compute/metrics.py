@@ -14,6 +14,9 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .. import atomic
+from .rundir import RunDir
+
 _SINKS: list[Callable[[dict], None]] = []
 console = Console(stderr=True)
 
@@ -38,7 +41,7 @@ class MetricsLogger:
                  enabled: bool = True, tensorboard: bool = False):
         """`enabled=False` (ranks other than 0) makes every call a no-op."""
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
         self._tb = None
         if not enabled:
@@ -48,12 +51,10 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("compute.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
         if self.path.exists():  # (re)started from step k: drop the lines of steps that will be redone
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(self.path)
+            atomic.write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.log_every = log_every
         self._progress = None
         if progress:

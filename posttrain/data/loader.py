@@ -55,7 +55,8 @@ class SampleStream:
                 sample = self._encode(where, raw)
             except BadRecord as bad:
                 if self.cfg.on_bad_record == "error":
-                    raise BadRecord(bad.where, bad.reason, bad.detail + " (data.on_bad_record: error; set it to 'skip' to count and skip such records)") from None
+                    hint = " (data.on_bad_record: error; set it to 'skip' to count and skip such records)"
+                    raise BadRecord(bad.where, bad.reason, bad.detail + hint) from None
                 self.stats.skipped[bad.reason] += 1
                 continue
             if sample is None:

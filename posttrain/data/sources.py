@@ -18,7 +18,7 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 

@@ -16,12 +16,12 @@ routes attention through the interface gets it by `attn_implementation="posttrai
 from __future__ import annotations
 
 import torch
-
-from .hf import unwrap
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .hf import unwrap
 
 NAME = "posttrain_packed"
 

@@ -22,19 +22,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import ConfigError
 from .hf import unwrap
 
-from ..config import ConfigError
-
 ROLES = ("attention", "mlp", "head")
+# module names shared by the verified families (and used by the FLOP counter, model/flops.py)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")  # fused MoE expert weights in a layer's mlp
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
-    attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    attention: tuple[str, ...] = ATTENTION
+    mlp: tuple[str, ...] = MLP
     head: tuple[str, ...] = ("lm_head",)
     experts: tuple[str, ...] = ()  # parameter paths relative to a decoder layer, for target_parameters
     router: str | None = None
@@ -65,7 +68,7 @@ FAMILIES: dict[str, Family] = {
             # fused expert parameters (its transformers v4->v5 adapter conversion), also for the dense
             # MLP layers of `mlp_only_layers`, so the 'mlp' role cannot be honoured: refused when asked.
             mlp=(),
-            experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            experts=tuple(f"mlp.{p}" for p in EXPERT_PARAMS),
             router="mlp.gate",
             quirks=(
                 "experts are fused 3-D parameters (LoRA via peft target_parameters)",

@@ -148,7 +148,10 @@ class _FusedLinearCE(torch.autograd.Function):
         del ctx.grads
         hd, wd, bd = ctx.dtypes
         one = bool(grad_out == 1)  # the usual case: hand the stored tensors over, no copy
-        scale = (lambda g, d: g.to(d) if one else (g * grad_out).to(d))
+
+        def scale(g, d):
+            return g.to(d) if one else (g * grad_out).to(d)
+
         return (
             scale(gh, hd) if gh is not None else None,
             scale(gw, wd) if gw is not None else None,

@@ -32,15 +32,16 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ..compute.device import choose_device, choose_dtype, seed_everything
+from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
-from ..compute.flops import FlopCounter, mfu, peak_flops
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
 from ..compute.optim import build_optimizer, build_scheduler
+from ..compute.rundir import RunDir
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.loader import DataLoader
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
 from ..model.export import export_hf
+from ..model.flops import FlopCounter
 from ..model.hf import decoder_layers, unwrap
 from ..model.load import load_model
 from ..model.loss import count_targets
@@ -155,7 +156,7 @@ class Engine:
     """Built by `Engine.setup`; see the module docstring."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir, self.out = cfg, Path(run_dir), RunDir(run_dir)
         seed_everything(cfg.train.seed)
         self.rank, self.world = rank_world()  # N SPMD workers run the recipe on their data shards
         self.say = console.print if self.rank == 0 else (lambda *a, **k: None)
@@ -256,7 +257,7 @@ class Engine:
         """One pass over this rank's data before training: `fn(batch)` -> one row per unit, kept by
         the unit's `file:line`. Stored in the run dir (`<name>.rank_N.pt`, atomically) and read back
         on resume instead of being recomputed. Used for reference log-probs computed once."""
-        path = self.run_dir / f"{name}.rank_{self.rank:05d}.pt"
+        path = self.out.precomputed(name, self.rank)
         if path.is_file():
             return torch.load(path)
         cfg = self.cfg.data.model_copy(update={"max_epochs": 1})
@@ -290,7 +291,7 @@ class Engine:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
 
     def _resume(self, loader: DataLoader, states: dict[str, Any]) -> int:
-        path = resolve_resume(self.cfg.compute.resume, self.run_dir / "checkpoints")
+        path = resolve_resume(self.cfg.compute.resume, self.out.checkpoints)
         if path is None:
             return 0
         state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
@@ -329,7 +330,7 @@ class Engine:
                 log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
                 if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
                     save_checkpoint(
-                        self.run_dir / "checkpoints", i, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                        self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
                         data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
                         meta=self._meta(), keep=cfg.compute.keep_checkpoints,
                     )
@@ -376,7 +377,7 @@ class Engine:
             model.load_state_dict(weights)
         result = {"steps": steps, "losses": self.losses, "start_step": self.start_step, "run_dir": str(self.run_dir), **extra}
         if cfg.export.enabled:
-            out = export_hf(model, self.tokenizer, self.run_dir / "hf", merge_lora=cfg.export.merge_lora,
+            out = export_hf(model, self.tokenizer, self.out.hf, merge_lora=cfg.export.merge_lora,
                             meta={"base_model": cfg.model.path, "steps": steps, "recipe": cfg.recipe})
             result["export_dir"] = str(out)
             console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(self.tokenizer)[:12]})")

@@ -8,6 +8,7 @@ import torch
 
 from ..compute.checkpoint import load_weights, read_meta
 from ..compute.device import seed_everything
+from ..compute.rundir import RunDir
 from ..config import JobConfig
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
 from ..model.export import export_hf
@@ -26,6 +27,6 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path | None = None) -> Path:
     seed_everything(cfg.train.seed)  # as the engine does: resized vocab rows are drawn from the RNG
     model = load_model(cfg.model, tok, device=torch.device("cpu"), dtype=torch.float32, merge_lora=cfg.export.merge_lora)
     load_weights(ckpt_dir, model)
-    out = Path(out_dir) if out_dir else ckpt_dir.parent.parent / f"hf-{ckpt_dir.name}"
+    out = Path(out_dir) if out_dir else RunDir.of_checkpoint(ckpt_dir).export_of(ckpt_dir)
     return export_hf(model, tok, out, merge_lora=cfg.export.merge_lora,
                      meta={"base_model": cfg.model.path, "steps": meta["step"], "recipe": cfg.recipe})

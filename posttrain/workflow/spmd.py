@@ -20,7 +20,6 @@ class RecipeWorker(DistributedWorker):
     def __init__(self, rank: int, world_size: int, cfg_json: str, threads: int):
         super().__init__(rank, world_size)
         import torch
-
         import transformers
 
         torch.set_num_threads(threads)

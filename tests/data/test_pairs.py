@@ -9,7 +9,7 @@ import torch
 
 from posttrain.config import DataConfig, DataSource, ModelConfig
 from posttrain.data.loader import DataLoader, load_samples
-from posttrain.data.packing import make_batch, pack_row, pad_batch, target_doc_index
+from posttrain.data.packing import make_batch, target_doc_index
 from posttrain.data.pairs import encode_pair, encode_pair_record, fit_pair, pair_max_len
 from posttrain.data.records import BadRecord, RecordStats, Sample
 from posttrain.data.tokenizer import load_tokenizer

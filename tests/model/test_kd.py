@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM
 
 from posttrain.model.kd import kd_loss
 from posttrain.model.loss import head_logits, hidden_states, select_targets
+
+from conftest import load_padded, random_batch
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -24,27 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _load(path, pad_rows=0, seed=0):
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    real = m.config.vocab_size
-    if pad_rows:  # padded rows: made large, so they would matter if they leaked into a softmax
-        m.resize_token_embeddings(real + pad_rows, mean_resizing=False)
-        with torch.no_grad():
-            m.get_output_embeddings().weight[real:] = m.get_output_embeddings().weight[:pad_rows] * 3
-    return m, real
-
-
-def _batch(V, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (2, 30), generator=g)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    labels[1, :3] = -100
-    labels[1, 20:22] = -100
-    return {"input_ids": ids, "labels": labels}  # 49 targets: chunk 3 does not divide them
 
 
 def _kl(lp, lq):  # KL(p || q) per row from log-probs
@@ -112,8 +92,8 @@ def _run(student, teacher, b, V, *, full_ref, ce_weight=None, loss_scale=1.0, **
 @pytest.fixture(scope="module")
 def pair(tiny_qwen3, tiny_gemma3):
     """Student: Qwen3 (untied head, padded with 40 rows). Teacher: Gemma3 (tied, softcapped, 24 pad rows)."""
-    student, V = _load(tiny_qwen3, pad_rows=40)
-    teacher, Vt = _load(tiny_gemma3, pad_rows=24, seed=1)
+    student, V = load_padded(tiny_qwen3, pad_rows=40)
+    teacher, Vt = load_padded(tiny_gemma3, pad_rows=24, seed=1)
     assert V == Vt
     teacher.requires_grad_(False)
     return student, teacher, V
@@ -128,7 +108,7 @@ CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
 @pytest.mark.parametrize("divergence,beta", CASES)
 def test_equals_full_logits_formulas(pair, divergence, beta, T, top_k):
     student, teacher, V = pair
-    b = _batch(V, seed=3)
+    b = random_batch(V, seed=3)
     kw = dict(divergence=divergence, beta=beta, temperature=T, top_k=top_k)
     ref, _, ref_g = _run(student, teacher, b, V, full_ref=True, **kw)
     assert ref.item() > 1e-3  # not trivially zero
@@ -143,7 +123,7 @@ def test_equals_full_logits_formulas(pair, divergence, beta, T, top_k):
 @pytest.mark.parametrize("beta,same_as", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
 def test_jsd_end_points_are_the_kls(pair, beta, same_as):
     student, teacher, V = pair
-    b = _batch(V, seed=5)
+    b = random_batch(V, seed=5)
     a, _, ga = _run(student, teacher, b, V, full_ref=False, divergence="jsd", beta=beta, temperature=2.0, chunk_tokens=7)
     c, _, gc = _run(student, teacher, b, V, full_ref=False, divergence=same_as, temperature=2.0, chunk_tokens=7)
     assert torch.equal(a, c)
@@ -158,7 +138,7 @@ def test_ce_term_and_any_linear_combination(pair):
     """ce_sum == F.cross_entropy(sum) at T = 1 from the same pass; gradients of scale*(kd + w*ce)
     for non-unit weights (the backward combines the stored KD and CE gradients), and of each alone."""
     student, teacher, V = pair
-    b = _batch(V, seed=6)
+    b = random_batch(V, seed=6)
     kw = dict(divergence="jsd", beta=0.3, temperature=2.0, top_k=5)
     for w, scale in ((0.7, 1.0 / 49), (0.0, 3.0)):
         rk, rc, rg = _run(student, teacher, b, V, full_ref=True, ce_weight=w, loss_scale=scale, **kw)
@@ -184,14 +164,14 @@ def test_ce_term_and_any_linear_combination(pair):
 def test_tied_softcapped_student_and_teacher(tiny_gemma3):
     """Gemma3 as student (tied embeddings: the head's gradient lands in embed_tokens, added to the
     lookup's; softcap) and as teacher (another seed)."""
-    student, V = _load(tiny_gemma3)
-    teacher, _ = _load(tiny_gemma3, seed=2)
+    student, V = load_padded(tiny_gemma3)
+    teacher, _ = load_padded(tiny_gemma3, seed=2)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     teacher.requires_grad_(False)
     assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
-    b = _batch(V, seed=7)
+    b = random_batch(V, seed=7)
     for kw in (dict(divergence="forward_kl", temperature=2.0), dict(divergence="jsd", beta=0.3, top_k=5)):
         ref, rc, ref_g = _run(student, teacher, b, V, full_ref=True, ce_weight=0.5, **kw)
         got, gc, g = _run(student, teacher, b, V, full_ref=False, ce_weight=0.5, chunk_tokens=3, **kw)
@@ -205,15 +185,15 @@ def test_lora_on_the_head(tiny_qwen3, tiny_gemma3):
     """peft LoRA on lm_head (and q_proj): the generic (autograd) head path; LoRA gradients only."""
     from peft import LoraConfig, get_peft_model
 
-    base, V = _load(tiny_qwen3, pad_rows=20)
+    base, V = load_padded(tiny_qwen3, pad_rows=20)
     student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
     with torch.no_grad():
         for n, p in student.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    teacher, _ = _load(tiny_gemma3)
+    teacher, _ = load_padded(tiny_gemma3)
     teacher.requires_grad_(False)
-    b = _batch(V, seed=8)
+    b = random_batch(V, seed=8)
     for kw in (dict(divergence="reverse_kl", temperature=2.0), dict(divergence="jsd", beta=0.3, top_k=5)):
         ref, rc, ref_g = _run(student, teacher, b, V, full_ref=True, ce_weight=0.3, **kw)
         got, gc, g = _run(student, teacher, b, V, full_ref=False, ce_weight=0.3, chunk_tokens=3, **kw)
@@ -233,11 +213,11 @@ def wide_teacher(tiny_qwen3, tmp_path_factory):
 
 
 def test_teacher_of_another_hidden_size(tiny_qwen3, wide_teacher):
-    student, V = _load(tiny_qwen3)
-    teacher, Vt = _load(wide_teacher)
+    student, V = load_padded(tiny_qwen3)
+    teacher, Vt = load_padded(wide_teacher)
     teacher.requires_grad_(False)
     assert V == Vt and teacher.config.hidden_size != student.config.hidden_size
-    b = _batch(V, seed=9)
+    b = random_batch(V, seed=9)
     kw = dict(divergence="forward_kl", temperature=1.0)
     ref, _, ref_g = _run(student, teacher, b, V, full_ref=True, **kw)
     got, _, g = _run(student, teacher, b, V, full_ref=False, chunk_tokens=3, **kw)
@@ -246,8 +226,8 @@ def test_teacher_of_another_hidden_size(tiny_qwen3, wide_teacher):
 
 
 def test_vocabularies_must_match(tiny_qwen3, tiny_gemma3):
-    student, V = _load(tiny_qwen3, pad_rows=40)
-    teacher, _ = _load(tiny_gemma3, pad_rows=24)
+    student, V = load_padded(tiny_qwen3, pad_rows=40)
+    teacher, _ = load_padded(tiny_gemma3, pad_rows=24)
     h = torch.randn(4, student.config.hidden_size)
     ht = torch.randn(4, teacher.config.hidden_size)
     with pytest.raises(ValueError, match="pass vocab_size"):
@@ -288,8 +268,8 @@ def test_full_logits_never_exist(pair, lora, top_k, tiny_qwen3):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        student = get_peft_model(_load(tiny_qwen3, pad_rows=40)[0], LoraConfig(r=4, target_modules=["lm_head"]))
-    b = _batch(V)
+        student = get_peft_model(load_padded(tiny_qwen3, pad_rows=40)[0], LoraConfig(r=4, target_modules=["lm_head"]))
+    b = random_batch(V)
     hs, y = select_targets(b, hidden_states(student, b), V)
     with torch.no_grad():
         ht, _ = select_targets(b, hidden_states(teacher, b), V)

@@ -11,8 +11,7 @@ import yaml
 from posttrain.cli import run_job
 from posttrain.config import ConfigError, load_config
 
-from conftest import ROOT, job_dict, write_jsonl
-from test_dpo import make_pairs
+from conftest import ROOT, job_dict, make_pairs, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 sequence at a time); reference modes agree; exact resume; the job file's `dpo:` section."""
 
 import json
-import random
 import subprocess
 import sys
 
@@ -19,20 +18,7 @@ from posttrain.data.tokenizer import load_tokenizer
 from posttrain.model.load import load_model
 from posttrain.model.preference import pair_logps, preference_loss
 
-from conftest import DEMO_DATA, ROOT, job_dict, write_jsonl
-
-
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Prompt = the last user turn of a demo conversation; chosen its answer; rejected a wrong one."""
-    rng = random.Random(seed)
-    recs = []
-    for ln in DEMO_DATA.read_text().splitlines()[:n]:
-        m = json.loads(ln)["messages"]
-        q, a = m[-2]["content"], m[-1]["content"]
-        wrong = a[:-1] + rng.choice([" maybe.", "!", " or not."])
-        prompt = q if rng.random() < 0.5 else m[:-1]  # a string, or the conversation so far
-        recs.append({"prompt": prompt, "chosen": a, "rejected": {"role": "assistant", "content": wrong}})
-    return recs
+from conftest import ROOT, job_dict, make_pairs, run_and_kill, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +137,6 @@ def test_rpo_and_simpo_run(tiny_qwen3, pairs, tmp_path):
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
 def test_kill_and_resume_continues_bitwise_with_precomputed_reference(tiny_qwen3, pairs, tmp_path):
-    from test_resume import _run_and_kill
-
     def job(out):
         return dpo_job(tiny_qwen3, pairs, out, steps=8, compute={"checkpoint_every": 3},
                        data={"max_tokens_per_batch": 256, "buffer_size": 8}, dpo={"precompute_reference": True})
@@ -160,7 +144,7 @@ def test_kill_and_resume_continues_bitwise_with_precomputed_reference(tiny_qwen3
     ref = run_job(JobConfig.model_validate(job(tmp_path / "ref")))
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job(tmp_path / "killed")))
-    _run_and_kill(job_file, tmp_path / "killed", kill_at=5)
+    run_and_kill(job_file, tmp_path / "killed", kill_at=5)
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed" in out.stderr and "precomputed" not in out.stderr  # the stored reference is reused

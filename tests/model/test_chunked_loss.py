@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM
 
 from posttrain.model.loss import (
     auto_chunk_tokens,
@@ -19,28 +18,9 @@ from posttrain.model.loss import (
     token_logprobs,
 )
 
+from conftest import load_padded, random_batch
+
 CHUNKS = [1, 7, 64, None]  # 7 does not divide the 50 target tokens; None = auto (one chunk here)
-
-
-def _load(path, pad_rows=0):
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    real = m.config.vocab_size
-    if pad_rows:  # padded vocabulary: rows >= real are padding, never targets
-        m.resize_token_embeddings(real + pad_rows, mean_resizing=False)
-        with torch.no_grad():  # make padding rows matter if they leaked into the softmax
-            m.get_output_embeddings().weight[real:] = m.get_output_embeddings().weight[:pad_rows] * 3
-    return m, real
-
-
-def _batch(V, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (2, 30), generator=g)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    labels[1, :3] = -100
-    labels[1, 20:22] = -100
-    return {"input_ids": ids, "labels": labels}  # 25 + 24 targets after the shift... see _n
 
 
 def _naive_logits(model, batch, V):
@@ -64,8 +44,8 @@ def _close_grads(a, b):
 @pytest.mark.parametrize("fam", ["qwen3", "gemma3"])
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_chunked_ce_equals_naive(fam, chunk, request):
-    model, V = _load(request.getfixturevalue(f"tiny_{fam}"), pad_rows=50)
-    b = _batch(V)
+    model, V = load_padded(request.getfixturevalue(f"tiny_{fam}"), pad_rows=50)
+    b = random_batch(V)
     y = b["labels"][:, 1:]
     ref = F.cross_entropy(_naive_logits(model, b, V)[y != -100], y[y != -100], reduction="sum")
     ref.backward()
@@ -86,8 +66,8 @@ def test_chunked_ce_equals_naive(fam, chunk, request):
 
 @pytest.mark.parametrize("chunk", [1, 7, None])
 def test_token_logprobs_equal_naive_with_per_token_gradients(tiny_gemma3, chunk):
-    model, V = _load(tiny_gemma3, pad_rows=30)
-    b = _batch(V, seed=1)
+    model, V = load_padded(tiny_gemma3, pad_rows=30)
+    b = random_batch(V, seed=1)
     y = b["labels"][:, 1:]
     w = torch.randn(int((y != -100).sum()), generator=torch.Generator().manual_seed(3))  # non-uniform upstream grad
     ref = F.log_softmax(_naive_logits(model, b, V), -1)[y != -100].gather(1, y[y != -100][:, None]).squeeze(1)
@@ -104,13 +84,13 @@ def test_lora_on_head_uses_the_adapter(tiny_qwen3):
     """A peft LoRA on lm_head (generic, checkpointed path) == naive, for values and LoRA grads."""
     from peft import LoraConfig, get_peft_model
 
-    base, V = _load(tiny_qwen3, pad_rows=20)
+    base, V = load_padded(tiny_qwen3, pad_rows=20)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    b = _batch(V, seed=2)
+    b = random_batch(V, seed=2)
     y = b["labels"][:, 1:]
     ref = F.cross_entropy(model(input_ids=b["input_ids"]).logits[:, :-1, :V][y != -100], y[y != -100], reduction="sum")
     ref.backward()
@@ -126,9 +106,9 @@ def test_lora_on_head_uses_the_adapter(tiny_qwen3):
 
 
 def test_chunked_distill_equals_naive_kl(tiny_qwen3, tiny_gemma3):
-    student, V = _load(tiny_qwen3)
-    teacher, _ = _load(tiny_gemma3)  # same tokenizer (both ChatML tiny BPE); teacher softcapped
-    b = _batch(V, seed=4)
+    student, V = load_padded(tiny_qwen3)
+    teacher, _ = load_padded(tiny_gemma3)  # same tokenizer (both ChatML tiny BPE); teacher softcapped
+    b = random_batch(V, seed=4)
 
     def kl_sum(s_logits, t_logits):
         return F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="sum")
@@ -166,8 +146,8 @@ class _LargestVocabTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("fam", ["qwen3", "gemma3"])
 def test_full_logits_never_exist_forward_or_backward(fam, request):
-    model, V = _load(request.getfixturevalue(f"tiny_{fam}"))
-    b = _batch(V)
+    model, V = load_padded(request.getfixturevalue(f"tiny_{fam}"))
+    b = random_batch(V)
     n = int((b["labels"][:, 1:] != -100).sum())
     mode = _LargestVocabTensor(V, model.get_output_embeddings().weight.numel())
     with mode:

@@ -1,4 +1,4 @@
-"""FLOP / MFU accounting (posttrain.compute.flops).
+"""FLOP / MFU accounting (posttrain.model.flops; peak FLOP/s in posttrain.compute.device).
 
 Two kinds of checks:
 - hand calculations for a dense, an MoE and a LoRA config, the arithmetic written out so a reader
@@ -22,16 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
 import posttrain.model.attention  # noqa: F401  (registers the posttrain_packed attention backend)
-from posttrain.compute.flops import (
-    Arch,
-    FlopCounter,
-    LoraSpec,
-    causal_pairs,
-    gpu_peak,
-    measure_matmul_peak,
-    mfu,
-    peak_flops,
-)
+from posttrain.compute.device import gpu_peak, measure_matmul_peak, mfu, peak_flops
+from posttrain.model.flops import Arch, FlopCounter, LoraSpec, causal_pairs
 from posttrain.model.loss import backward_token_mean, count_targets
 
 V = 128

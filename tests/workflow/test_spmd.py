@@ -4,12 +4,10 @@ a job runs on an existing Ray cluster started with `ray start`."""
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 pytest.importorskip("ray")
@@ -17,9 +15,7 @@ pytest.importorskip("ray")
 from posttrain.cli import run_job  # noqa: E402
 from posttrain.config import JobConfig  # noqa: E402
 
-from conftest import ROOT, job_dict, write_jsonl  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tests" / "recipes"))
+from conftest import ROOT, job_dict, make_pairs, write_jsonl  # noqa: E402
 
 WORDS = "the cat sat on a mat and the dog ran to the big red ball while birds sang".split()
 
@@ -28,7 +24,7 @@ WORDS = "the cat sat on a mat and the dog ran to the big red ball while birds sa
 def ray_local():
     import ray
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "tests" / "recipes"), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -133,8 +129,6 @@ def test_dpo_one_worker_four_micro_equals_two_workers_two_micro(ray_local, tiny_
     """A pair is one unit (buffer_size 1: one pair per micro-batch, no shuffle), so both layouts see
     the same pairs in every step; the loss divides by the global pair count. Full fine-tuning with a
     sharded frozen copy, and LoRA with the adapters-off reference under FSDP2."""
-    from test_dpo import make_pairs
-
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(24))
 
     def job(out, workers, accum):

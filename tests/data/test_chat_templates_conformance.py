@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "chat_templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "chat_templates"
 
 if not (TEMPLATES_DIR / "SOURCES.md").is_file():
     pytest.skip(f"real chat templates not found at {TEMPLATES_DIR} (shared/chat_templates is absent)",

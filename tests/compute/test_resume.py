@@ -1,11 +1,8 @@
 """Checkpoints and exact resume: kill -9 mid-run, resume (twice, across epochs) == uninterrupted."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from posttrain.cli import run_job
 from posttrain.compute.checkpoint import complete_checkpoints, find_latest, save_checkpoint
 from posttrain.config import JobConfig
 
-from conftest import DEMO_DATA, ROOT, job_dict, write_jsonl
+from conftest import DEMO_DATA, ROOT, job_dict, run_and_kill, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +31,16 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def _run_and_kill(job_file, run_dir, kill_at):
-    """Start `posttrain run` in a subprocess; SIGKILL it once metrics show step >= kill_at."""
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(l)["step"] >= kill_at for l in metrics.read_text().splitlines() if l.strip()):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_kill_and_resume_twice_equals_uninterrupted(tiny_qwen3, data, tmp_path, lora):
-    ref = run_job(JobConfig.model_validate(_job(tiny_qwen3, data, tmp_path / "ref", lora=lora)))
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, data, tmp_path / "ref", lora=lora)))
     ref_losses = _losses(tmp_path / "ref")
     assert len(ref_losses) == 10
     run_dir = tmp_path / "killed"
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(_job(tiny_qwen3, data, run_dir, lora=lora)))
-    _run_and_kill(job_file, run_dir, kill_at=4)
-    _run_and_kill(job_file, run_dir, kill_at=8)
+    run_and_kill(job_file, run_dir, kill_at=4)
+    run_and_kill(job_file, run_dir, kill_at=8)
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed" in out.stderr

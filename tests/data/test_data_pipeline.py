@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -186,7 +185,7 @@ def test_packed_attention_gradients_equal_dense_mask_path(tiny_qwen3, demo_docs)
 def test_backend_that_leaks_across_documents_is_refused(tiny_qwen3):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     def leaky(module, q, k, v, attention_mask, **kw):  # plain causal over the whole row
         kw.pop("position_ids", None)

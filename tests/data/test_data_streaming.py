@@ -92,7 +92,7 @@ def test_streaming_a_large_file_keeps_memory_flat(tmp_path):
     gc.collect()
     src = Source(str(path), window=1024)
     n, base = 0, None
-    while (item := src.next()) is not None:
+    while src.next() is not None:
         n += 1
         if n == 5000:
             base = _rss_mb()

@@ -1,7 +1,6 @@
 """A job on an existing Ray cluster started with `ray start --head` (its own module: `ray stop`
 ends every Ray process of this machine, so it must not run while another module's cluster is up)."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,8 +11,9 @@ import yaml
 
 pytest.importorskip("ray")
 
-from conftest import ROOT  # noqa: E402
 from test_spmd import _job, _losses, fixed_len_data  # noqa: E402,F401
+
+from conftest import ROOT  # noqa: E402
 
 
 def _free_port():

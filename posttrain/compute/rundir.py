@@ -1,0 +1,53 @@
+"""The layout of a run's output directory (`compute.output_dir`), spelled in one place.
+
+    <output_dir>/
+        config.yaml            the resolved job (defaults filled in)
+        metrics.jsonl          one line per step
+        tensorboard/           with compute.tensorboard: true
+        checkpoints/           step_N/ dirs and the `latest` pointer (compute/checkpoint.py)
+        <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
+        hf/                    the final export; hf-step_N/ from `posttrain export`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_checkpoint(cls, ckpt_dir: str | Path) -> "RunDir":
+        return cls(Path(ckpt_dir).parent.parent)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def hf(self) -> Path:
+        return self.root / "hf"
+
+    def export_of(self, ckpt_dir: Path) -> Path:
+        return self.root / f"hf-{Path(ckpt_dir).name}"
+
+    def precomputed(self, name: str, rank: int) -> Path:
+        return self.root / f"{name}.rank_{rank:05d}.pt"
