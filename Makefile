@@ -1,5 +1,5 @@
 # The two Quickstart commands. Each sets up .venv (scripts/setup_env.sh) and then runs.
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean distill-demo
 
 setup:
 	@bash scripts/setup_env.sh
@@ -11,6 +11,17 @@ demo: setup
 test: setup
 	.venv/bin/ruff check posttrain tests examples benchmarks scripts
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+DISTILL_CACHE := examples/.cache/distill
+
+# Distillation example: build teacher-init + student (one shared tokenizer), SFT the teacher if its
+# export is missing, distil it into the student, check KL(teacher || student) on held-out chats.
+distill-demo: setup
+	.venv/bin/python examples/build_distill_models.py $(DISTILL_CACHE)
+	test -f runs/distill_teacher/hf/model.safetensors || .venv/bin/posttrain run examples/distill_teacher.yaml --overwrite
+	.venv/bin/posttrain run examples/distill_demo.yaml --overwrite
+	.venv/bin/python examples/check_distill.py --teacher runs/distill_teacher/hf --student runs/distill_demo/hf \
+		--baseline $(DISTILL_CACHE)/student --min-reduction 0.3
 
 clean:
 	rm -rf runs examples/.cache
