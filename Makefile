@@ -1,5 +1,5 @@
 # The two Quickstart commands. Each sets up .venv (scripts/setup_env.sh) and then runs.
-.PHONY: demo test setup clean distill-demo
+.PHONY: demo test setup clean distill-demo dpo-demo
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,6 +22,15 @@ distill-demo: setup
 	.venv/bin/posttrain run examples/distill_demo.yaml --overwrite
 	.venv/bin/python examples/check_distill.py --teacher runs/distill_teacher/hf --student runs/distill_demo/hf \
 		--baseline $(DISTILL_CACHE)/student --min-reduction 0.3
+
+# DPO example: starts from the SFT demo's export (`make demo` first if it is missing), learns the
+# parity preference of examples/data/dpo_pairs.jsonl; held-out preference accuracy before and after
+# (the DPO model must prefer the chosen answer on at least 85% of the held-out pairs).
+dpo-demo: setup
+	test -f runs/demo/hf/model.safetensors || $(MAKE) demo
+	.venv/bin/posttrain run examples/dpo_demo.yaml --overwrite
+	.venv/bin/python examples/check_dpo.py runs/demo/hf
+	.venv/bin/python examples/check_dpo.py runs/dpo_demo/hf --min 0.85
 
 clean:
 	rm -rf runs examples/.cache

@@ -1,7 +1,24 @@
-"""Generate examples/data/demo_chat.jsonl: small, learnable chat conversations (committed output).
+"""Generate the demo data (committed output) in examples/data/.
 
-Tasks with a deterministic answer a tiny model can pick up in a couple of CPU minutes: capitals,
-small additions, spelling, and opposites; some with a system prompt, some multi-turn.
+demo_chat.jsonl (SFT, examples/sft_demo.yaml): small, learnable chat conversations. Tasks with a
+deterministic answer a tiny model can pick up in a couple of CPU minutes: capitals, small additions,
+spelling, and opposites; some with a system prompt, some multi-turn.
+
+dpo_pairs.jsonl / dpo_heldout.jsonl (DPO, examples/dpo_demo.yaml; scored by examples/check_dpo.py):
+preference pairs {prompt, chosen, rejected} for a task the SFT data never shows, parity:
+
+    "Is 347 even or odd?"   chosen "347 is odd."   rejected "347 is even."
+
+The SFT model has never seen "even" or "odd", so it has no reason to prefer the right word: its
+preference is a coin flip tied to the words, not to the number, and as the held-out pairs are half
+even, half odd it picks the chosen side on about half of them (47.5% measured on runs/demo/hf;
+99.5% after examples/dpo_demo.yaml). The rule DPO has to teach (the last
+digit decides) generalises: the held-out numbers never appear in the training pairs, so every
+held-out prompt is unseen (same phrasings, new numbers), and a held-out pair is only won by applying
+the rule. Prompts come as a string or as a message list (sometimes with a system prompt), answers
+as a string or an assistant message: both record formats of posttrain.data.pairs.
+
+Each file has its own random.Random seed, drawn after demo_chat.jsonl, whose bytes do not change.
 Run: python examples/make_demo_data.py
 """
 
@@ -48,14 +65,58 @@ def conversation(rng):
     return {"messages": msgs}
 
 
-def main(n=2000, seed=0):
+PARITY_PROMPTS = ["Is {n} even or odd?", "Is {n} odd or even?", "Is the number {n} even or odd?", "Even or odd: {n}?"]
+
+
+def parity_pair(rng, n):
+    """One preference record: chosen states n's parity, rejected the other one."""
+    right, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
+    q = rng.choice(PARITY_PROMPTS).format(n=n)
+    chosen, rejected = f"{n} is {right}.", f"{n} is {wrong}."
+    if rng.random() < 0.5:  # the plain string format
+        return {"prompt": q, "chosen": chosen, "rejected": rejected}
+    prompt = [{"role": "user", "content": q}]
+    if rng.random() < 0.3:
+        prompt.insert(0, {"role": "system", "content": rng.choice(SYSTEMS)})
+    return {"prompt": prompt, "chosen": {"role": "assistant", "content": chosen},
+            "rejected": {"role": "assistant", "content": rejected}}
+
+
+def parity_split(seed, n_heldout):
+    """Numbers 0..999 split once: n_heldout held out (half even, half odd), the rest for training."""
     rng = random.Random(seed)
-    out = Path(__file__).parent / "data" / "demo_chat.jsonl"
+    evens, odds = list(range(0, 1000, 2)), list(range(1, 1000, 2))
+    rng.shuffle(evens)
+    rng.shuffle(odds)
+    held = evens[: n_heldout // 2] + odds[: n_heldout // 2]
+    return sorted(set(range(1000)) - set(held)), held
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(records)} records to {path} ({path.stat().st_size / 1024:.0f} KiB)")
+
+
+def main(n=2000, seed=0, n_pairs=800, n_heldout=200):
+    rng = random.Random(seed)
+    data = Path(__file__).parent / "data"
+    out = data / "demo_chat.jsonl"
     out.parent.mkdir(exist_ok=True)
     with open(out, "w") as f:
         for _ in range(n):
             f.write(json.dumps(conversation(rng)) + "\n")
     print(f"wrote {n} conversations to {out} ({out.stat().st_size / 1024:.0f} KiB)")
+
+    # DPO pairs: training numbers and held-out numbers are disjoint
+    train_nums, held_nums = parity_split(seed=1, n_heldout=n_heldout)
+    rng = random.Random(2)
+    nums = rng.sample(train_nums, k=min(n_pairs, len(train_nums)))
+    write_jsonl(data / "dpo_pairs.jsonl", [parity_pair(rng, k) for k in nums])
+    rng = random.Random(3)
+    rng.shuffle(held_nums)
+    write_jsonl(data / "dpo_heldout.jsonl", [parity_pair(rng, k) for k in held_nums])
 
 
 if __name__ == "__main__":
