@@ -88,6 +88,9 @@ class DataConfig(Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     packing: bool = True
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
+    pack_to_multiple_of: int | None = Field(
+        64, ge=1, description="a packed row ends at its real tokens rounded up to this, so a row the data cannot fill "
+        "carries no long padding tail (null: every row is exactly max_tokens_per_batch, fixed shapes)")
     buffer_size: int = Field(256, ge=1, description="tokenized samples the packer chooses from")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead in the background")
     shuffle: bool = True

@@ -123,7 +123,8 @@ class DataLoader:
             self.buffer.append(s)
         if not self.buffer:
             return None
-        batch, self.buffer = make_batch(self.buffer, budget=self.cfg.max_tokens_per_batch, pad_id=self.pad_id, packing=self.cfg.packing)
+        batch, self.buffer = make_batch(self.buffer, budget=self.cfg.max_tokens_per_batch, pad_id=self.pad_id,
+                                        packing=self.cfg.packing, multiple_of=self.cfg.pack_to_multiple_of)
         batch["epoch"] = self.stream.epoch()
         return batch
 

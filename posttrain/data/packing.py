@@ -3,11 +3,13 @@
 The buffer holds *units* (`Sample`s): an SFT sample is a unit of one document, a preference pair a
 unit of two (chosen, rejected). A unit is never split: it goes into a micro-batch whole or not at all.
 
-Packed mode: one row of exactly `max_tokens` per micro-batch, filled best-fit-decreasing from the
+Packed mode: one row of at most `max_tokens` per micro-batch, filled best-fit-decreasing from the
 buffer (longest unit that fits first, then the next longest that fits the remaining room, ...).
 Every document of every unit gets `position_ids` restarting at 0, which is the document mask, and
 label -100 on its first token, so nothing is trained across a boundary. The unfilled tail is one
-padding segment (its own positions, label -100). Padded mode (`packing: false`): units in arrival
+padding segment (its own positions, label -100), up to the real length rounded up to
+`data.pack_to_multiple_of` (default 64: a row the data cannot fill does no work on a long tail), or
+to exactly `max_tokens` when that is null (fixed shapes). Padded mode (`packing: false`): units in arrival
 order, each document its own row, as many units as fit the budget counted with padding (rows x
 longest row), right-padded to the longest, with an attention mask.
 
@@ -50,7 +52,9 @@ def take_in_order(buffer: list[Sample], budget: int) -> list[int]:
     return list(range(len(buffer)))
 
 
-def pack_row(samples: list[Sample], budget: int, pad_id: int) -> dict:
+def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int | None = None) -> dict:
+    """One row: the units end to end, then a padding segment up to `budget`, or (`multiple_of`) only
+    up to the real length rounded up to that multiple (never beyond `budget`)."""
     ids, labels, pos, lens, units = [], [], [], [], []
     for s in samples:
         start = 0
@@ -62,7 +66,8 @@ def pack_row(samples: list[Sample], budget: int, pad_id: int) -> dict:
             start += n
         units.append(len(s.docs))
     real = len(ids)
-    tail = budget - real
+    width = budget if multiple_of is None else min(budget, -(-real // multiple_of) * multiple_of)
+    tail = width - real
     if tail > 0:
         ids += (pad_id,) * tail
         labels += (-100,) * tail
@@ -106,13 +111,14 @@ def pad_batch(samples: list[Sample], pad_id: int) -> dict:
     }
 
 
-def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool) -> tuple[dict, list[Sample]]:
+def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool,
+               multiple_of: int | None = None) -> tuple[dict, list[Sample]]:
     """One micro-batch from the buffer; returns (batch, remaining buffer)."""
     chosen = take_best_fit(buffer, budget) if packing else take_in_order(buffer, budget)
     picked = set(chosen)
     samples = [buffer[i] for i in chosen]
     rest = [s for i, s in enumerate(buffer) if i not in picked]
-    batch = pack_row(samples, budget, pad_id) if packing else pad_batch(samples, pad_id)
+    batch = pack_row(samples, budget, pad_id, multiple_of) if packing else pad_batch(samples, pad_id)
     return batch, rest
 
 

@@ -128,6 +128,16 @@ def test_packed_row_layout():
     assert "attention_mask" not in batch  # the document mask is the restarting positions
 
 
+def test_packed_row_ends_at_a_multiple_of_the_real_length():
+    """data.pack_to_multiple_of: no long padding tail for a row the data cannot fill."""
+    samples = [_s(3, 0), _s(4, 1)]
+    for multiple, width in ((None, 64), (4, 8), (5, 10), (64, 64), (128, 64)):
+        batch, _ = make_batch(samples, budget=64, pad_id=0, packing=True, multiple_of=multiple)
+        assert batch["input_ids"].shape == (1, width) and batch["num_tokens"] == 7, multiple
+        assert batch["position_ids"][0, 7:].tolist() == list(range(width - 7))  # the tail: its own segment
+        assert (batch["labels"][0, 7:] == -100).all()
+
+
 def test_padded_mode_pads_to_longest_within_budget():
     batch, rest = make_batch([_s(3), _s(4), _s(9)], budget=10, pad_id=0, packing=False)
     assert batch["input_ids"].shape == (2, 4) and len(rest) == 1
