@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import IO, Callable
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary sibling, fsync it, then rename it over `path`."""
+def write(path: str | Path, writer: Callable[[IO[bytes]], object]) -> None:
+    """`writer(binary file)` writes a temporary sibling, which is fsynced, then renamed over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        writer(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write(path, lambda fh: fh.write(text.encode()))

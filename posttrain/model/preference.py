@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.packing import target_doc_index
-from .loss import hidden_states, select_targets, token_logprobs
+from .loss import count_targets, hidden_states, select_targets, token_logprobs
 
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 
@@ -57,8 +57,7 @@ def pair_logps(model: torch.nn.Module, batch: dict, vocab_size: int | None = Non
 
 def pair_token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Scored tokens of the chosen and rejected sides, from the labels alone (no forward)."""
-    n = int((batch["labels"][:, 1:] != -100).sum())
-    _, counts = per_document(batch, torch.ones(n, device=batch["labels"].device))
+    _, counts = per_document(batch, torch.ones(count_targets(batch["labels"]), device=batch["labels"].device))
     return counts[0::2], counts[1::2]
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import atomic
 from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
@@ -246,12 +247,17 @@ class Engine:
             )
 
     # ------------------------------------------------------------------------------ data
-    def loader(self, encode: Callable | None = None) -> DataLoader:
+    def loader(self, encode: Callable | None = None, *, one_pass: bool = False) -> DataLoader:
         """This rank's stateful loader over data.sources; `encode(tokenizer, rec, where, cfg, stats)`
-        turns a record into a packing unit (default: SFT records)."""
+        turns a record into a packing unit (default: SFT records). `one_pass`: a single epoch, in
+        this thread (for a pass before training)."""
+        cfg = self.cfg.data.model_copy(update={"max_epochs": 1}) if one_pass else self.cfg.data
         kw = {"encode": encode} if encode is not None else {}
-        return DataLoader(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank,
-                          world_size=self.world, **kw)
+        return DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
+                          background=not one_pass, **kw)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def precompute(self, name: str, fn: Callable[[dict], torch.Tensor], encode: Callable | None = None) -> dict[str, torch.Tensor]:
         """One pass over this rank's data before training: `fn(batch)` -> one row per unit, kept by
@@ -260,9 +266,7 @@ class Engine:
         path = self.out.precomputed(name, self.rank)
         if path.is_file():
             return torch.load(path)
-        cfg = self.cfg.data.model_copy(update={"max_epochs": 1})
-        loader = DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
-                            background=False, **({"encode": encode} if encode else {}))
+        loader = self.loader(encode, one_pass=True)
         table: dict[str, torch.Tensor] = {}
         last = None
         t0 = time.perf_counter()
@@ -276,13 +280,11 @@ class Engine:
                     raise ConfigError(f"{name}: worker {self.rank} has no data while others do; use fewer compute.workers")
                 fn(last)
                 continue
-            last = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            last = self._to_device(batch)
             table.update(zip(batch["unit_where"], fn(last).detach().cpu()))
         for fz in self.frozen_models:  # the pass's forwards are not a training step's
             fz.flops = 0.0
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(table, tmp)
-        tmp.replace(path)
+        atomic.write(path, lambda fh: torch.save(table, fh))
         self.say(f"{name}: {len(table)} units precomputed in {time.perf_counter() - t0:.1f} s -> {path.name}")
         return table
 
@@ -321,7 +323,7 @@ class Engine:
                 if not micro:
                     self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
                     break
-                micro = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+                micro = [self._to_device(b) for b in micro]
                 step = Step(self, i, micro)
                 yield step
                 if not step.updated:
