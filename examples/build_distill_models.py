@@ -1,7 +1,6 @@
 """Build the distillation example's two tiny Qwen3 models locally (no downloads), sharing ONE tokenizer.
 
-    OUT_ROOT/tokenizer     byte-level BPE trained on the demo data, ChatML template (exactly as
-                           examples/build_tiny_model.py trains it for the SFT demo)
+    OUT_ROOT/tokenizer     the SFT demo's tokenizer (examples/build_tiny_model.py:build_demo_tokenizer)
     OUT_ROOT/teacher-init  the bigger model (hidden 384, 6 layers, 10.8M parameters), randomly
                            initialised; examples/distill_teacher.yaml fine-tunes it into the teacher
     OUT_ROOT/student       the smaller model (hidden 128, 2 layers, 0.55M parameters), randomly
@@ -13,29 +12,22 @@ refuses a teacher whose tokenizer fingerprint differs from the student's).
 Usage: python examples/build_distill_models.py [OUT_ROOT]   (default: examples/.cache/distill)
 """
 
-import json
 import sys
 from pathlib import Path
 
-from posttrain.tiny import CHATML_TEMPLATE, build_tiny_model, build_tokenizer
+from build_tiny_model import build_demo_tokenizer
 
-DATA = Path(__file__).parent / "data" / "demo_chat.jsonl"
+from posttrain.tiny import build_tiny_model
 
 TEACHER = dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1152, seed=0)
 STUDENT = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384, seed=1)
-
-
-def corpus():
-    for line in DATA.read_text().splitlines():
-        for m in json.loads(line)["messages"]:
-            yield m["content"]
 
 
 def main(out_root: str) -> None:
     root = Path(out_root)
     tok_dir = root / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        build_tokenizer(tok_dir, chat_template=CHATML_TEMPLATE, corpus=list(corpus()), vocab_size=1000)
+        build_demo_tokenizer(tok_dir)
     for name, size in (("teacher-init", TEACHER), ("student", STUDENT)):
         out = root / name
         if (out / "config.json").exists():

@@ -24,13 +24,18 @@ def corpus():
             yield m["content"]
 
 
+def build_demo_tokenizer(out_dir) -> Path:
+    """The demos' tokenizer: byte-level BPE (1,000 tokens) trained on the demo chats, ChatML template."""
+    return build_tokenizer(out_dir, chat_template=CHATML_TEMPLATE, corpus=list(corpus()), vocab_size=1000)
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     if (out / "config.json").exists():
         print(f"tiny model already built: {out}")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = build_tokenizer(tmp, chat_template=CHATML_TEMPLATE, corpus=list(corpus()), vocab_size=1000)
+        tok_dir = build_demo_tokenizer(tmp)
         build_tiny_model(out, tok_dir, family="qwen3", hidden_size=256, num_layers=4, num_heads=4,
                          num_kv_heads=2, intermediate_size=768)
     print(f"built tiny Qwen3 + tokenizer in {out}")
