@@ -18,6 +18,13 @@ held-out prompt is unseen (same phrasings, new numbers), and a held-out pair is 
 the rule. Prompts come as a string or as a message list (sometimes with a system prompt), answers
 as a string or an assistant message: both record formats of posttrain.data.pairs.
 
+grpo_prompts.jsonl / grpo_heldout.jsonl (GRPO, examples/grpo_demo.yaml; scored by
+examples/check_grpo.py): prompts {prompt, answer} asking for a sum of two digits in phrasings the SFT
+data never uses ("Compute the sum of 3 and 4."). The SFT model knows "Add 3 and 4." but answers the
+new phrasing correctly only about a quarter of the time (it often answers a capital or a spelling);
+the reward (examples/rewards.py) checks the last integer of the completion. The 100 digit pairs are
+split once: the 30 held-out pairs never appear in the training prompts.
+
 Each file has its own random.Random seed, drawn after demo_chat.jsonl, whose bytes do not change.
 Run: python examples/make_demo_data.py
 """
@@ -92,6 +99,13 @@ def parity_split(seed, n_heldout):
     return sorted(set(range(1000)) - set(held)), held
 
 
+SUM_PROMPTS = ["Compute the sum of {a} and {b}.", "What is the sum of {a} and {b}?"]
+
+
+def sum_prompts(pairs):
+    return [{"prompt": p.format(a=a, b=b), "answer": str(a + b)} for a, b in pairs for p in SUM_PROMPTS]
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         for r in records:
@@ -117,6 +131,15 @@ def main(n=2000, seed=0, n_pairs=800, n_heldout=200):
     rng = random.Random(3)
     rng.shuffle(held_nums)
     write_jsonl(data / "dpo_heldout.jsonl", [parity_pair(rng, k) for k in held_nums])
+
+    # GRPO prompts: digit pairs split once, held-out pairs never in training
+    rng = random.Random(4)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    train = sum_prompts(pairs[30:])
+    rng.shuffle(train)
+    write_jsonl(data / "grpo_prompts.jsonl", train)
+    write_jsonl(data / "grpo_heldout.jsonl", sum_prompts(sorted(pairs[:30])))
 
 
 if __name__ == "__main__":

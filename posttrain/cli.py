@@ -11,6 +11,7 @@ from pathlib import Path
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
 from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
+from .workflow.rewards import RewardError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.compute.resume = args.resume
         run_job(cfg, overwrite=args.overwrite, ray_address=args.ray_address)
         return 0
-    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError) as e:
+    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

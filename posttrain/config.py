@@ -193,6 +193,7 @@ RECIPES = {
     "sft": "posttrain.recipes.sft:run",
     "dpo": "posttrain.recipes.dpo:run",
     "distill": "posttrain.recipes.distill:run",
+    "grpo": "posttrain.recipes.grpo:run",
 }
 
 

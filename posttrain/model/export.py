@@ -72,3 +72,36 @@ def export_hf(
     else:
         tmp.rename(out)
     return out
+
+
+def inference_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a plain HF model (or an inference engine) loads, under HF names: LoRA merged
+    functionally (W + the adapter's delta, peft's own `get_delta_weight`; the training model is not
+    touched, unlike merge/unmerge which round-trips the base weights), peft wrappers stripped, and
+    tensors that share storage (tied embeddings) cloned, so every key is present and writable with
+    safetensors (vLLM keeps a separate packed lm_head that only refreshes when it is sent)."""
+    base = unwrap(model)
+    deltas: dict[str, torch.Tensor] = {}
+    if hasattr(model, "peft_config"):
+        from peft.tuners.lora import LoraLayer
+
+        for name, mod in base.named_modules():
+            if isinstance(mod, LoraLayer):
+                for adapter in mod.active_adapters:
+                    if adapter in mod.lora_A or adapter in getattr(mod, "lora_embedding_A", {}):
+                        d = mod.get_delta_weight(adapter).detach()
+                        deltas[name] = deltas[name] + d if name in deltas else d
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        name = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        module = name.rsplit(".", 1)[0]
+        v = value.detach()
+        if name.endswith(".weight") and module in deltas:
+            v = v + deltas[module].to(v.dtype)
+        ptr = v.untyped_storage().data_ptr()
+        out[name] = (v.clone() if ptr in seen else v).contiguous()
+        seen.add(ptr)
+    return out

@@ -41,7 +41,7 @@ from ..compute.rundir import RunDir
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.loader import DataLoader
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
-from ..model.export import export_hf
+from ..model.export import export_hf, inference_state_dict
 from ..model.flops import FlopCounter
 from ..model.hf import decoder_layers, unwrap
 from ..model.load import load_model
@@ -109,10 +109,11 @@ class Step:
     index: int
     micro: list[dict]
     metrics: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)
     loss: float = 0.0
-    grad_norm: float | None = None
-    lr: float | None = None  # of this step's update
-    updated: bool = False
+    grad_norms: list[float] = field(default_factory=list)
+    lr: float | None = None  # of this step's first update
+    updates: int = 0
     _local_targets: int | None = None
 
     def total(self, fn: Callable[[dict], float]) -> float:
@@ -134,6 +135,16 @@ class Step:
         for k, v in metrics.items():
             self.metrics[k] = self.metrics.get(k, 0.0) + float(v.detach().item() if torch.is_tensor(v) else v)
 
+    def log_max(self, **metrics) -> None:
+        """Metrics reduced by max over micro-batches and ranks (a worst case, a longest length)."""
+        for k, v in metrics.items():
+            v = float(v.detach().item() if torch.is_tensor(v) else v)
+            self.maxima[k] = max(self.maxima.get(k, v), v)
+
+    @property
+    def updated(self) -> bool:
+        return self.updates > 0
+
     def backward(self, loss: torch.Tensor, **metrics) -> None:
         """Backward of this micro-batch's share of the step loss; FSDP2 averages gradients over
         ranks, so the backward is scaled by the world size to make the update a global sum."""
@@ -143,20 +154,24 @@ class Step:
         self.log(**metrics)
 
     def update(self) -> None:
+        """Clip, optimizer step, schedule step, zero grads. A recipe may update several times in one
+        step (PPO epochs, minibatches); the engine was then set up with `updates_per_step`."""
         e = self.engine
         clip = e.cfg.train.max_grad_norm
-        self.grad_norm = local_scalar(torch.nn.utils.clip_grad_norm_(e.trainable, clip)) if clip else None
-        self.lr = e.sched.get_last_lr()[0]
+        if clip:
+            self.grad_norms.append(local_scalar(torch.nn.utils.clip_grad_norm_(e.trainable, clip)))
+        if self.lr is None:
+            self.lr = e.sched.get_last_lr()[0]
         e.opt.step()
         e.sched.step()
         e.opt.zero_grad(set_to_none=True)
-        self.updated = True
+        self.updates += 1
 
 
 class Engine:
     """Built by `Engine.setup`; see the module docstring."""
 
-    def __init__(self, cfg: JobConfig, run_dir: Path):
+    def __init__(self, cfg: JobConfig, run_dir: Path, *, updates_per_step: int = 1):
         self.cfg, self.run_dir, self.out = cfg, Path(run_dir), RunDir(run_dir)
         seed_everything(cfg.train.seed)
         self.rank, self.world = rank_world()  # N SPMD workers run the recipe on their data shards
@@ -176,7 +191,7 @@ class Engine:
         self.root = self._shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
         self.opt = build_optimizer(self.model, cfg.train)
-        self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps)
+        self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps * updates_per_step)
         self.frozen_models: list[Frozen] = []
         self.losses: list[float] = []
         self.start_step = 0
@@ -187,8 +202,9 @@ class Engine:
                  f"{self.world} worker{'s' if self.world > 1 else ''}; {cfg.train.steps} steps")
 
     @classmethod
-    def setup(cls, cfg: JobConfig, run_dir: Path) -> "Engine":
-        return cls(cfg, run_dir)
+    def setup(cls, cfg: JobConfig, run_dir: Path, *, updates_per_step: int = 1) -> "Engine":
+        """`updates_per_step`: optimizer updates each step makes (the schedule spans steps x updates)."""
+        return cls(cfg, run_dir, updates_per_step=updates_per_step)
 
     # ------------------------------------------------------------------------------ models
     def _load(self, mcfg: ModelConfig, *, lora: bool) -> torch.nn.Module:
@@ -318,7 +334,10 @@ class Engine:
         try:
             for i in range(start + 1, cfg.train.steps + 1):
                 t0, wait0 = time.perf_counter(), loader.wait_s
-                micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+                if hasattr(loader, "next_step"):  # a step's data made on demand (RL rollouts)
+                    micro = loader.next_step(i) or []
+                else:
+                    micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
                 micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
                 if not micro:
                     self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
@@ -347,14 +366,17 @@ class Engine:
         frozen = sum(fz.flops for fz in self.frozen_models)
         for fz in self.frozen_models:
             fz.flops = 0.0
-        names = sorted(step.metrics)
-        local = [step.loss, f["model"], f["hardware"], frozen, sum(b["num_tokens"] for b in micro),
+        names, max_names = sorted(step.metrics), sorted(step.maxima)
+        local = [step.loss / step.updates, f["model"], f["hardware"], frozen, sum(b["num_tokens"] for b in micro),
                  sum(b["input_ids"].numel() for b in micro), *(step.metrics[k] for k in names)]
         loss, model_flops, hw_flops, frozen, real, slots, *values = all_reduce_many(local)
+        values += all_reduce_many([step.maxima[k] for k in max_names], "max")
+        names += max_names
         self.losses.append(loss)
+        grad_norm = sum(step.grad_norms) / len(step.grad_norms) if step.grad_norms else None
         out = {
             "step": step.index, "epoch": micro[-1]["epoch"], "loss": loss, "lr": step.lr,
-            "grad_norm": step.grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
+            "grad_norm": grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
             "step_time_s": dt, "data_wait": data_wait, "padding": 1 - real / slots,
             "mfu": mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world),
             "hfu": mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world),
@@ -365,18 +387,33 @@ class Engine:
         out["peak_mem_gb"] = peak_memory_gb(self.device)
         return {**out, **dict(zip(names, values))}
 
+    # ------------------------------------------------------------------------------ weights out
+    def unsharded(self) -> torch.nn.Module | None:
+        """The policy with its full current weights on rank 0 (None on other ranks); a collective.
+        Sharded: gathered into an unsharded CPU copy kept on rank 0 for the next call."""
+        if self.world == 1:
+            return self.model
+        weights = full_state_dict(self.model)
+        if self.rank != 0:
+            return None
+        if getattr(self, "_copy", None) is None:
+            self._copy = load_model(self.cfg.model, self.tokenizer, device=torch.device("cpu"), dtype=self.dtype,
+                                    merge_lora=self.cfg.export.merge_lora)
+        self._copy.load_state_dict(weights)
+        return self._copy
+
+    def inference_weights(self) -> dict[str, torch.Tensor] | None:
+        """HF-named weights for an inference engine (LoRA merged, tied tensors cloned) on rank 0."""
+        model = self.unsharded()
+        return inference_state_dict(model) if model is not None else None
+
     # ------------------------------------------------------------------------------ the end
     def finish(self, **extra) -> dict:
         """Gather the full weights (a collective), export `<output_dir>/hf` on rank 0, print samples."""
         cfg, steps = self.cfg, self.start_step + len(self.losses)
-        model = self.model
-        if self.world > 1:  # export from an unsharded copy on rank 0
-            weights = full_state_dict(model)
-            if self.rank != 0:
-                return {"steps": steps, "rank": self.rank}
-            model = load_model(cfg.model, self.tokenizer, device=torch.device("cpu"), dtype=self.dtype,
-                               merge_lora=cfg.export.merge_lora)
-            model.load_state_dict(weights)
+        model = self.unsharded()
+        if model is None:
+            return {"steps": steps, "rank": self.rank}
         result = {"steps": steps, "losses": self.losses, "start_step": self.start_step, "run_dir": str(self.run_dir), **extra}
         if cfg.export.enabled:
             out = export_hf(model, self.tokenizer, self.out.hf, merge_lora=cfg.export.merge_lora,

