@@ -72,17 +72,26 @@ class ModelConfig(Strict):
     router_aux_loss_coef: float | None = Field(None, ge=0.0)
 
 
+RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
 class DataSource(Strict):
-    path: str = Field(description="JSONL (.gz/.zst) or Parquet file, glob, or fsspec URL (s3://...)")
+    path: str = Field(description="a file, glob or folder, local or an fsspec URL (s3://...): JSON Lines (.jsonl/.ndjson/.json, "
+                      ".gz/.zst/.bz2/.xz), JSON array (.json), text (.txt), Parquet, Arrow (.arrow), or a folder written by "
+                      "datasets' save_to_disk; a folder means every supported file in it, sorted")
     weight: float = Field(1.0, gt=0)
+    format: RecordFormat | None = Field(None, description="this source's record format (null: data.format)")
+    transform: str | None = Field(None, description="import path of fn(record) -> record | None for this source (null: data.transform)")
+    sample_by: Literal["line", "document"] = Field("line", description=".txt files: one {text} record per line, or per file")
 
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
     storage_options: dict[str, Any] = Field({}, description="fsspec options, e.g. {endpoint_url: ...} for S3")
-    # record format; "auto" picks per record: messages | prompt+completion | text
-    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
-    transform: str | None = Field(None, description="import path of fn(record) -> record | None")
+    format: RecordFormat = Field("auto", description="record format of every source without its own; auto picks per record: "
+                                 "messages | conversations (sharegpt) | instruction (alpaca) | prompt+completion | text")
+    transform: str | None = Field(None, description="import path ('pkg.mod:fn' or 'path/to/file.py:fn') of fn(record) -> record | None, "
+                                  "applied to every source without its own")
     max_seq_len: int = Field(2048, ge=8)
     overlong: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
@@ -186,6 +195,9 @@ class JobConfig(Strict):
         paths = {"recipe": recipe_path(self.recipe)}
         if self.data.transform:
             paths["data.transform"] = self.data.transform
+        for i, src in enumerate(self.data.sources):
+            if src.transform:
+                paths[f"data.sources[{i}].transform"] = src.transform
         return paths
 
 
