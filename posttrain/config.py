@@ -250,7 +250,9 @@ def _stray_section_msg(key: str, recipe: str) -> str:
 # ------------------------------------------------------------------------------------- import paths
 def import_module(mod_name: str, *, key: str):
     """A module by dotted name, or a Python file by path (`path/to/file.py`, relative to the current
-    directory), with an error naming the config key on failure."""
+    directory), with an error naming the config key on failure. A dotted name that is not importable
+    from sys.path is looked up in the current directory too (as `python -m` would), so a module
+    beside the job needs no PYTHONPATH (`load_config` also looks next to the job file)."""
     if mod_name.endswith(".py"):
         path = Path(mod_name).resolve()
         if not path.is_file():
@@ -267,10 +269,33 @@ def import_module(mod_name: str, *, key: str):
             del sys.modules[name]
             raise ConfigError(f"{key}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
         return module
+    cwd = str(Path.cwd())
+    if _module_file(mod_name, Path.cwd()) is not None and not _importable(mod_name) and cwd not in sys.path:
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
     try:
         return importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e})") from e
+        raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e}; looked on sys.path, next to the job file "
+                          f"and in {cwd}; a file can be given as 'path/to/file.py:name')") from e
+    except Exception as e:
+        raise ConfigError(f"{key}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
+
+
+def _importable(mod_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod_name.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _module_file(mod_name: str, base: Path) -> Path | None:
+    """`base/a/b.py` or `base/a/b/__init__.py` for the dotted name `a.b`, if it exists."""
+    parts = mod_name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return None
+    stem = base.joinpath(*parts)
+    return next((f for f in (stem.with_suffix(".py"), stem / "__init__.py") if f.is_file()), None)
 
 
 def resolve_import_path(spec: str, *, key: str) -> Any:
@@ -421,20 +446,31 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
 
 
 def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
-    """`path/to/file.py:fn` components are looked up next to the job file, then in the current
-    directory, and stored absolute (Ray workers run elsewhere)."""
+    """Import-path components (`recipe`, `data.transform`, `data.sources[i].transform`) are looked up
+    next to the job file, then in the current directory, and stored absolute (Ray workers run
+    elsewhere): `path/to/file.py:fn`, and `module:fn` when `module` is not importable but is a file
+    next to the job file (a module in the current directory is imported from there as it is).
+    `model.chat_template` naming a file is made absolute too."""
     def fix(spec):
-        if not isinstance(spec, str) or ".py:" not in spec:
+        if not isinstance(spec, str) or ":" not in spec:
             return spec
         file, _, attr = spec.rpartition(":")
-        for base in (job_dir, Path.cwd()):
-            if (base / file).is_file():
-                return f"{(base / file).resolve()}:{attr}"
+        if file.endswith(".py"):
+            for base in (job_dir, Path.cwd()):
+                if (base / file).is_file():
+                    return f"{(base / file).resolve()}:{attr}"
+        elif not _importable(file) and (found := _module_file(file, job_dir)) is not None:
+            return f"{found.resolve()}:{attr}"
         return spec
 
     raw["recipe"] = fix(raw.get("recipe"))
-    if isinstance(raw.get("data"), dict) and "transform" in raw["data"]:
-        raw["data"]["transform"] = fix(raw["data"]["transform"])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if "transform" in data:
+            data["transform"] = fix(data["transform"])
+        for src in data.get("sources") or []:
+            if isinstance(src, dict) and "transform" in src:
+                src["transform"] = fix(src["transform"])
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:
