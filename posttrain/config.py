@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +51,11 @@ class LoraConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="local HF model directory or hub id")
+    path: str = Field(description="local HF model directory (relative paths start at the current directory) or hub id 'org/name'")
     tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's own")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, inline or as a file (.jinja/.txt, or a chat_template.json), that replaces or "
+        "supplies the tokenizer's own; trained with and saved into the exported tokenizer")
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -313,6 +318,65 @@ def resolve_import_path(spec: str, *, key: str) -> Any:
     return obj
 
 
+# ----------------------------------------------------------------------------- models and templates
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(path: str, *, key: str, revision: str | None = None) -> None:
+    """Fail at once on a model (or tokenizer) that cannot be there: a local path that does not exist,
+    or a hub id `org/name` that is not a local directory while the hub is offline and the id is not
+    in the local cache. A hub id that may be downloaded is left to `from_pretrained`."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return
+    if p.exists():
+        raise ConfigError(f"{key}: {path!r} is a file; give the model's directory (with config.json)")
+    if not HUB_ID.match(path):
+        raise ConfigError(f"{key}: no such directory {path!r} (relative paths start at {Path.cwd()}; a hub id is 'org/name')")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str) and not isinstance(
+                try_to_load_from_cache(path, "tokenizer_config.json", revision=revision), str):
+            raise ConfigError(f"{key}: no such directory {path!r}, and as a hub id it is not in the Hugging Face cache "
+                              "while the hub is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)")
+
+
+def hub_hint(path: str) -> str:
+    """What was tried for a model source that failed to load."""
+    if Path(path).expanduser().exists():
+        return ""
+    return f" ({path!r} is not a local directory, so it was tried as a Hugging Face Hub id{'; the hub is offline' if hub_offline() else ''})"
+
+
+def is_inline_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
+    """`model.chat_template`: an inline Jinja template (it contains `{{` or `{%`), or a file holding
+    one (`chat_template.json` files: their "chat_template" entry)."""
+    if is_inline_template(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such template file {value!r} (relative paths start at {Path.cwd()}; "
+                          "an inline template contains '{{' or '{%')")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            text = json.loads(text)["chat_template"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{key}: {value!r} is a .json file but has no \"chat_template\" string ({e})") from None
+    if not is_inline_template(text):
+        raise ConfigError(f"{key}: {value!r} holds no Jinja template (no '{{{{' or '{{%' in it)")
+    return text
+
+
 # --------------------------------------------------------------------------------------- loading
 def _yaml_lines(text: str) -> dict[tuple, int]:
     """Map key paths (tuples of keys / list indices) to 1-based line numbers in the YAML text."""
@@ -442,6 +506,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         except ConfigError as e:
             src = origin.get(tuple(key.split(".")))
             raise ConfigError(f"{f'override {src!r}' if src else path}: {e}") from None
+    # Model, tokenizer and template that cannot be there fail now too.
+    checks = [("model.path", lambda: check_model_source(cfg.model.path, key="model.path", revision=cfg.model.revision))]
+    if cfg.model.tokenizer:
+        checks.append(("model.tokenizer", lambda: check_model_source(cfg.model.tokenizer, key="model.tokenizer", revision=cfg.model.revision)))
+    if cfg.model.chat_template:
+        checks.append(("model.chat_template", lambda: read_chat_template(cfg.model.chat_template)))
+    for key, check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            src = origin.get(tuple(key.split(".")))
+            raise ConfigError(f"{f'override {src!r}' if src else where(tuple(key.split('.')))}: {e}") from None
     return cfg
 
 
@@ -464,6 +540,10 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
         return spec
 
     raw["recipe"] = fix(raw.get("recipe"))
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("chat_template"), str) and not is_inline_template(model["chat_template"]):
+        if (file := Path(model["chat_template"]).expanduser()).is_file():
+            model["chat_template"] = str(file.resolve())
     data = raw.get("data")
     if isinstance(data, dict):
         if "transform" in data:

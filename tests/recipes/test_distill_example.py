@@ -56,7 +56,8 @@ def test_job_file_with_a_required_recipe_key_loads(tmp_path):
     required key (distill.teacher) loads, and its absence is reported once, with the file."""
     from posttrain.config import ConfigError, load_config
 
-    body = "recipe: distill\nmodel: {path: m}\ndata: {sources: [{path: d.jsonl}]}\ntrain: {steps: 1}\n"
+    # model.path must exist (load_config checks it): any directory will do here
+    body = f"recipe: distill\nmodel: {{path: {tmp_path}}}\ndata: {{sources: [{{path: d.jsonl}}]}}\ntrain: {{steps: 1}}\n"
     ok = tmp_path / "ok.yaml"
     ok.write_text(body + "distill: {teacher: t, divergence: jsd}\n")
     assert load_config(ok).section.teacher == "t"
