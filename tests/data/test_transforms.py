@@ -39,13 +39,15 @@ def test_modules_next_to_the_job_file_resolve_without_pythonpath(tiny_qwen3, tmp
     (jobdir / f"{name}_pkg" / "__init__.py").write_text("")
     (jobdir / f"{name}_pkg" / "steps.py").write_text("def fn(rec):\n    return {'text': rec['text'] + ' (from the package)'}\n")
     (jobdir / "local.py").write_text("def fn(rec):\n    return None\n")
+    (jobdir / f"{name}_recipe.py").write_text("def run(cfg, run_dir):\n    return {'ran': True}\n")
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "one"}])
-    job = job_dict(tiny_qwen3, data, tmp_path / "run", data={"transform": f"{name}:fn"})
+    job = job_dict(tiny_qwen3, data, tmp_path / "run", data={"transform": f"{name}:fn"}, recipe=f"{name}_recipe:run")
     job["data"]["sources"] = [{"path": str(data)}, {"path": str(data), "transform": f"{name}_pkg.steps:fn"},
                               {"path": str(data), "transform": "local.py:fn"}]
     monkeypatch.chdir(tmp_path)  # neither the job's folder nor on sys.path
     cfg = load_config(write_job(jobdir / "job.yaml", job))
     assert cfg.data.transform == f"{jobdir / name}.py:fn"
+    assert cfg.recipe == f"{jobdir / name}_recipe.py:run"  # every import-path component: the recipe too
     assert [s.transform for s in cfg.data.sources] == [None, f"{jobdir / name}_pkg/steps.py:fn", f"{jobdir}/local.py:fn"]
     tok = load_tokenizer(cfg.model)
     for i, want in enumerate(["ONE", "one (from the package)"]):
