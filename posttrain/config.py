@@ -512,6 +512,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         checks.append(("model.tokenizer", lambda: check_model_source(cfg.model.tokenizer, key="model.tokenizer", revision=cfg.model.revision)))
     if cfg.model.chat_template:
         checks.append(("model.chat_template", lambda: read_chat_template(cfg.model.chat_template)))
+    # a recipe section naming other models (a teacher, a reference) lists them with `model_paths()`
+    for field, value in (getattr(cfg.section, "model_paths", dict)() or {}).items():
+        checks.append((f"{section}.{field}", lambda k=f"{section}.{field}", v=value: check_model_source(v, key=k)))
     for key, check in checks:
         try:
             check()

@@ -101,3 +101,18 @@ def test_inline_and_json_templates_replace_the_tokenizers_and_bad_ones_fail_in_v
     assert main(["validate", str(write_job(tmp_path / "job.yaml", job))]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'job.yaml'}:5: model.chat_template: no such template file "
                                                f"'templates/missing.jinja' (relative paths start at {tmp_path}; an inline template contains '{{{{' or '{{%')")
+
+
+@pytest.mark.parametrize("recipe,section,key", [("distill", {"teacher": "runs/no-teacher/hf"}, "teacher"),
+                                                 ("dpo", {"reference": "./no-reference"}, "reference")])
+def test_recipe_sections_naming_a_missing_model_fail_in_validate(tiny_qwen3, data, tmp_path, capsys, monkeypatch, recipe, section, key):
+    monkeypatch.chdir(tmp_path)
+    job = job_dict(tiny_qwen3, data, tmp_path / "run", recipe=recipe)
+    job[recipe] = section
+    path = write_job(tmp_path / "job.yaml", job)
+    assert main(["validate", str(path)]) == 2
+    line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip().startswith(f"{key}:"))
+    assert capsys.readouterr().err.strip() == f"error: {path}:{line}: {recipe}.{key}: no such directory {section[key]!r} " \
+        f"(relative paths start at {tmp_path}; a hub id is 'org/name')"
+    job[recipe] = {key: str(tiny_qwen3)}
+    assert main(["validate", str(write_job(path, job))]) == 0
