@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +51,11 @@ class LoraConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="local HF model directory or hub id")
+    path: str = Field(description="local HF model directory (relative paths start at the current directory) or hub id 'org/name'")
     tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's own")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, inline or as a file (.jinja/.txt, or a chat_template.json), that replaces or "
+        "supplies the tokenizer's own; trained with and saved into the exported tokenizer")
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -72,17 +77,26 @@ class ModelConfig(Strict):
     router_aux_loss_coef: float | None = Field(None, ge=0.0)
 
 
+RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
 class DataSource(Strict):
-    path: str = Field(description="JSONL (.gz/.zst) or Parquet file, glob, or fsspec URL (s3://...)")
+    path: str = Field(description="a file, glob or folder, local or an fsspec URL (s3://...): JSON Lines (.jsonl/.ndjson/.json, "
+                      ".gz/.zst/.bz2/.xz), JSON array (.json), text (.txt), Parquet, Arrow (.arrow), or a folder written by "
+                      "datasets' save_to_disk; a folder means every supported file in it, sorted")
     weight: float = Field(1.0, gt=0)
+    format: RecordFormat | None = Field(None, description="this source's record format (null: data.format)")
+    transform: str | None = Field(None, description="import path of fn(record) -> record | None for this source (null: data.transform)")
+    sample_by: Literal["line", "document"] = Field("line", description=".txt files: one {text} record per line, or per file")
 
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
     storage_options: dict[str, Any] = Field({}, description="fsspec options, e.g. {endpoint_url: ...} for S3")
-    # record format; "auto" picks per record: messages | prompt+completion | text
-    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
-    transform: str | None = Field(None, description="import path of fn(record) -> record | None")
+    format: RecordFormat = Field("auto", description="record format of every source without its own; auto picks per record: "
+                                 "messages | conversations (sharegpt) | instruction (alpaca) | prompt+completion | text")
+    transform: str | None = Field(None, description="import path ('pkg.mod:fn' or 'path/to/file.py:fn') of fn(record) -> record | None, "
+                                  "applied to every source without its own")
     max_seq_len: int = Field(2048, ge=8)
     overlong: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
@@ -186,6 +200,9 @@ class JobConfig(Strict):
         paths = {"recipe": recipe_path(self.recipe)}
         if self.data.transform:
             paths["data.transform"] = self.data.transform
+        for i, src in enumerate(self.data.sources):
+            if src.transform:
+                paths[f"data.sources[{i}].transform"] = src.transform
         return paths
 
 
@@ -239,7 +256,9 @@ def _stray_section_msg(key: str, recipe: str) -> str:
 # ------------------------------------------------------------------------------------- import paths
 def import_module(mod_name: str, *, key: str):
     """A module by dotted name, or a Python file by path (`path/to/file.py`, relative to the current
-    directory), with an error naming the config key on failure."""
+    directory), with an error naming the config key on failure. A dotted name that is not importable
+    from sys.path is looked up in the current directory too (as `python -m` would), so a module
+    beside the job needs no PYTHONPATH (`load_config` also looks next to the job file)."""
     if mod_name.endswith(".py"):
         path = Path(mod_name).resolve()
         if not path.is_file():
@@ -256,10 +275,33 @@ def import_module(mod_name: str, *, key: str):
             del sys.modules[name]
             raise ConfigError(f"{key}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
         return module
+    cwd = str(Path.cwd())
+    if _module_file(mod_name, Path.cwd()) is not None and not _importable(mod_name) and cwd not in sys.path:
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
     try:
         return importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e})") from e
+        raise ConfigError(f"{key}: cannot import module {mod_name!r} ({e}; looked on sys.path, next to the job file "
+                          f"and in {cwd}; a file can be given as 'path/to/file.py:name')") from e
+    except Exception as e:
+        raise ConfigError(f"{key}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
+
+
+def _importable(mod_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod_name.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _module_file(mod_name: str, base: Path) -> Path | None:
+    """`base/a/b.py` or `base/a/b/__init__.py` for the dotted name `a.b`, if it exists."""
+    parts = mod_name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return None
+    stem = base.joinpath(*parts)
+    return next((f for f in (stem.with_suffix(".py"), stem / "__init__.py") if f.is_file()), None)
 
 
 def resolve_import_path(spec: str, *, key: str) -> Any:
@@ -275,6 +317,65 @@ def resolve_import_path(spec: str, *, key: str) -> Any:
         except AttributeError as e:
             raise ConfigError(f"{key}: module {mod_name!r} has no attribute {attr!r}") from e
     return obj
+
+
+# ----------------------------------------------------------------------------- models and templates
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(path: str, *, key: str, revision: str | None = None) -> None:
+    """Fail at once on a model (or tokenizer) that cannot be there: a local path that does not exist,
+    or a hub id `org/name` that is not a local directory while the hub is offline and the id is not
+    in the local cache. A hub id that may be downloaded is left to `from_pretrained`."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return
+    if p.exists():
+        raise ConfigError(f"{key}: {path!r} is a file; give the model's directory (with config.json)")
+    if not HUB_ID.match(path):
+        raise ConfigError(f"{key}: no such directory {path!r} (relative paths start at {Path.cwd()}; a hub id is 'org/name')")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str) and not isinstance(
+                try_to_load_from_cache(path, "tokenizer_config.json", revision=revision), str):
+            raise ConfigError(f"{key}: no such directory {path!r}, and as a hub id it is not in the Hugging Face cache "
+                              "while the hub is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)")
+
+
+def hub_hint(path: str) -> str:
+    """What was tried for a model source that failed to load."""
+    if Path(path).expanduser().exists():
+        return ""
+    return f" ({path!r} is not a local directory, so it was tried as a Hugging Face Hub id{'; the hub is offline' if hub_offline() else ''})"
+
+
+def is_inline_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def read_chat_template(value: str, *, key: str = "model.chat_template") -> str:
+    """`model.chat_template`: an inline Jinja template (it contains `{{` or `{%`), or a file holding
+    one (`chat_template.json` files: their "chat_template" entry)."""
+    if is_inline_template(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such template file {value!r} (relative paths start at {Path.cwd()}; "
+                          "an inline template contains '{{' or '{%')")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            text = json.loads(text)["chat_template"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{key}: {value!r} is a .json file but has no \"chat_template\" string ({e})") from None
+    if not is_inline_template(text):
+        raise ConfigError(f"{key}: {value!r} holds no Jinja template (no '{{{{' or '{{%' in it)")
+    return text
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -406,24 +507,54 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         except ConfigError as e:
             src = origin.get(tuple(key.split(".")))
             raise ConfigError(f"{f'override {src!r}' if src else path}: {e}") from None
+    # Model, tokenizer and template that cannot be there fail now too.
+    checks = [("model.path", lambda: check_model_source(cfg.model.path, key="model.path", revision=cfg.model.revision))]
+    if cfg.model.tokenizer:
+        checks.append(("model.tokenizer", lambda: check_model_source(cfg.model.tokenizer, key="model.tokenizer", revision=cfg.model.revision)))
+    if cfg.model.chat_template:
+        checks.append(("model.chat_template", lambda: read_chat_template(cfg.model.chat_template)))
+    # a recipe section naming other models (a teacher, a reference) lists them with `model_paths()`
+    for field, value in (getattr(cfg.section, "model_paths", dict)() or {}).items():
+        checks.append((f"{section}.{field}", lambda k=f"{section}.{field}", v=value: check_model_source(v, key=k)))
+    for key, check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            src = origin.get(tuple(key.split(".")))
+            raise ConfigError(f"{f'override {src!r}' if src else where(tuple(key.split('.')))}: {e}") from None
     return cfg
 
 
 def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
-    """`path/to/file.py:fn` components are looked up next to the job file, then in the current
-    directory, and stored absolute (Ray workers run elsewhere)."""
+    """Import-path components (`recipe`, `data.transform`, `data.sources[i].transform`) are looked up
+    next to the job file, then in the current directory, and stored absolute (Ray workers run
+    elsewhere): `path/to/file.py:fn`, and `module:fn` when `module` is not importable but is a file
+    next to the job file (a module in the current directory is imported from there as it is).
+    `model.chat_template` naming a file is made absolute too."""
     def fix(spec):
-        if not isinstance(spec, str) or ".py:" not in spec:
+        if not isinstance(spec, str) or ":" not in spec:
             return spec
         file, _, attr = spec.rpartition(":")
-        for base in (job_dir, Path.cwd()):
-            if (base / file).is_file():
-                return f"{(base / file).resolve()}:{attr}"
+        if file.endswith(".py"):
+            for base in (job_dir, Path.cwd()):
+                if (base / file).is_file():
+                    return f"{(base / file).resolve()}:{attr}"
+        elif not _importable(file) and (found := _module_file(file, job_dir)) is not None:
+            return f"{found.resolve()}:{attr}"
         return spec
 
     raw["recipe"] = fix(raw.get("recipe"))
-    if isinstance(raw.get("data"), dict) and "transform" in raw["data"]:
-        raw["data"]["transform"] = fix(raw["data"]["transform"])
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("chat_template"), str) and not is_inline_template(model["chat_template"]):
+        if (file := Path(model["chat_template"]).expanduser()).is_file():
+            model["chat_template"] = str(file.resolve())
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if "transform" in data:
+            data["transform"] = fix(data["transform"])
+        for src in data.get("sources") or []:
+            if isinstance(src, dict) and "transform" in src:
+                src["transform"] = fix(src["transform"])
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:

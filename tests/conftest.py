@@ -188,3 +188,66 @@ def random_batch(V, seed=0):
     labels[1, :3] = -100
     labels[1, 20:22] = -100
     return {"input_ids": ids, "labels": labels}
+
+
+# Every file layout a source reads (posttrain/data/layouts.py), written from the same records.
+LAYOUTS = ["jsonl_folder", "json_array", "json_lines", "parquet", "arrow_stream", "arrow_file", "hf_dataset", "hf_dataset_dict",
+           "txt_lines", "txt_documents"]
+
+
+def write_layout(root: Path, layout: str, records: list[dict]) -> dict:
+    """Write `records` under `root` in `layout`; return the `data.sources` entry that reads them.
+    The txt layouts take each record's "text"."""
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "jsonl_folder":  # shards in a folder (one gzipped, one nested) beside files that are not data
+        import gzip
+
+        third = -(-len(records) // 3)
+        write_jsonl(root / "part-0.jsonl", records[:third])
+        with gzip.open(root / "part-1.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records[third: 2 * third])
+        (root / "more").mkdir(exist_ok=True)
+        write_jsonl(root / "more" / "part-2.jsonl", records[2 * third:])
+        (root / "README.md").write_text("# my data\n")
+        (root / ".cache.jsonl").write_text("not data\n")
+        return {"path": str(root)}
+    if layout == "json_array":
+        (root / "data.json").write_text(json.dumps(records, indent=2))
+        return {"path": str(root / "data.json")}
+    if layout == "json_lines":
+        write_jsonl(root / "data.json", records)
+        return {"path": str(root / "data.json")}
+    if layout == "txt_lines":
+        (root / "data.txt").write_text("".join(r["text"].replace("\n", " ") + "\n\n" for r in records))  # blank lines skipped
+        return {"path": str(root / "data.txt")}
+    if layout == "txt_documents":
+        for i, r in enumerate(records):
+            (root / f"doc-{i:04d}.txt").write_text(r["text"])
+        return {"path": str(root), "sample_by": "document"}
+    import pyarrow as pa
+
+    if layout == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), root / "data.parquet", row_group_size=max(1, len(records) // 3))
+        return {"path": str(root / "data.parquet")}
+    if layout == "arrow_file":  # Arrow IPC file format
+        table = pa.Table.from_pylist(records)
+        with pa.ipc.new_file(root / "data.arrow", table.schema) as w:
+            w.write_table(table, max_chunksize=7)
+        return {"path": str(root / "data.arrow")}
+    import datasets
+
+    ds = datasets.Dataset.from_list(records)
+    if layout == "arrow_stream":  # the IPC stream file `datasets` writes (its cache and save_to_disk shards)
+        ds.save_to_disk(root / "saved")
+        (shard,) = (root / "saved").glob("*.arrow")
+        shard.rename(root / "train.arrow")
+        return {"path": str(root / "train.arrow")}
+    if layout == "hf_dataset":
+        ds.save_to_disk(root / "ds", num_shards=2)
+        return {"path": str(root / "ds")}
+    if layout == "hf_dataset_dict":
+        datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(root / "dd")
+        return {"path": str(root / "dd")}
+    raise ValueError(layout)

@@ -22,14 +22,18 @@ from .records import BadRecord, RecordStats, Sample, encode_sft_record
 from .sources import Source, parse_record
 
 # encode(tokenizer, record, "file:line", data config, record stats) -> Sample, or raise BadRecord.
-# It runs after parsing and data.transform and applies the length policy itself (the stats count
+# It runs after parsing and the source's transform and applies the length policy itself (the stats count
 # truncations). Default: SFT (`records.encode_sft_record`); preference pairs:
 # `pairs.encode_pair_record`.
 Encode = Callable[[Any, dict, str, DataConfig, RecordStats], Sample]
 
 
 class SampleStream:
-    """Synchronous: mixer -> parse -> transform -> encode (+ length policy), with the bad-record policy."""
+    """Synchronous: mixer -> parse -> transform -> encode (+ length policy), with the bad-record policy.
+
+    Each source may set its own `format` and `transform` (else `data.format` / `data.transform`). An
+    exception inside a transform is a bad record (reason `transform`) naming the transform, the
+    source and the record, so `data.on_bad_record` decides: stop with it, or count and skip it."""
 
     def __init__(self, cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world_size: int = 1,
                  encode: Encode | None = None):
@@ -37,11 +41,16 @@ class SampleStream:
         self.encode: Encode = encode if encode is not None else encode_sft_record
         sources = [
             Source(s.path, seed=seed, rank=rank, world_size=world_size, shuffle=cfg.shuffle,
-                   window=cfg.shuffle_window, storage_options=cfg.storage_options)
+                   window=cfg.shuffle_window, storage_options=cfg.storage_options, sample_by=s.sample_by)
             for s in cfg.sources
         ]
         self.mixer = Mixer(sources, [s.weight for s in cfg.sources], seed=seed, on_exhausted=cfg.on_exhausted, max_epochs=cfg.max_epochs)
-        self.transform: Callable | None = resolve_import_path(cfg.transform, key="data.transform") if cfg.transform else None
+        # per source: the config its records are encoded with (its format) and its transform
+        self.cfgs = [cfg.model_copy(update={"format": s.format}) if s.format else cfg for s in cfg.sources]
+        self.transforms: list[tuple[str, Callable] | None] = []
+        for i, s in enumerate(cfg.sources):
+            key, spec = (f"data.sources[{i}].transform", s.transform) if s.transform else ("data.transform", cfg.transform)
+            self.transforms.append((spec, resolve_import_path(spec, key=key)) if spec else None)
         self.stats = RecordStats()
 
     def next(self) -> Sample | None:
@@ -49,14 +58,14 @@ class SampleStream:
             item = self.mixer.next()
             if item is None:
                 return None
-            _, where, raw = item
+            idx, where, raw = item
             self.stats.seen += 1
             try:
-                sample = self._encode(where, raw)
+                sample = self._encode(idx, where, raw)
             except BadRecord as bad:
                 if self.cfg.on_bad_record == "error":
                     hint = " (data.on_bad_record: error; set it to 'skip' to count and skip such records)"
-                    raise BadRecord(bad.where, bad.reason, bad.detail + hint) from None
+                    raise BadRecord(bad.where, bad.reason, bad.detail + hint) from bad.__cause__
                 self.stats.skipped[bad.reason] += 1
                 continue
             if sample is None:
@@ -65,18 +74,32 @@ class SampleStream:
             self.stats.kept += 1
             return sample
 
-    def _encode(self, where: str, raw: Any) -> Sample | None:
+    def _encode(self, idx: int, where: str, raw: Any) -> Sample | None:
         try:
             rec = parse_record(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise BadRecord(where, "not_utf8", f"not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start})") from None
+        except ValueError as e:
             raise BadRecord(where, "invalid_json", f"invalid JSON ({getattr(e, 'msg', e)}{f' at column {e.colno}' if hasattr(e, 'colno') else ''})") from None
         if not isinstance(rec, dict):
             raise BadRecord(where, "not_an_object", f"expected a JSON object, got {type(rec).__name__}")
-        if self.transform is not None:
-            rec = self.transform(rec)
+        if self.transforms[idx] is not None:
+            rec = self._transform(idx, where, rec)
             if rec is None:
                 return None
-        return self.encode(self.tokenizer, rec, where, self.cfg, self.stats)
+        return self.encode(self.tokenizer, rec, where, self.cfgs[idx], self.stats)
+
+    def _transform(self, idx: int, where: str, rec: dict) -> dict | None:
+        spec, fn = self.transforms[idx]
+        what = f"transform {spec!r} of source {self.cfg.sources[idx].path!r}"
+        try:
+            out = fn(rec)
+        except Exception as e:
+            msg = " ".join(str(e).split())
+            raise BadRecord(where, "transform", f"{what} raised {type(e).__name__}: {msg}") from e
+        if out is not None and not isinstance(out, dict):
+            raise BadRecord(where, "transform", f"{what} returned {type(out).__name__}; it must return a record (dict) or None")
+        return out
 
     def epoch(self) -> int:
         return max(s.cursor.epoch for s in self.mixer.sources)

@@ -1,7 +1,8 @@
 """Records -> tokenized samples, with the bad-record policy.
 
-A record is one JSON object per line: `{"messages": [...]}`, `{"prompt": ..., "completion": ...}`
-or `{"text": ...}`. Every failure (bad JSON, missing or mistyped fields, a sample with nothing to
+A record is one JSON object (a line, a row, an array element): `{"messages": [...]}`,
+`{"conversations": [...]}` (ShareGPT), `{"instruction", "input", "output"}` (Alpaca),
+`{"prompt": ..., "completion": ...}` or `{"text": ...}` (formats.py). Every failure (bad JSON, missing or mistyped fields, a sample with nothing to
 train on, an overlong sample under `overlong: drop`) is a `BadRecord` naming `file:line` and the
 reason; `on_bad_record: error` stops the job with it, `skip` counts it per reason.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
+from .formats import FormatError, normalize
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -75,11 +77,10 @@ def _check_messages(msgs) -> str | None:
 
 def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
     """One record -> Sample, or raise BadRecord naming the reason."""
-    if fmt == "auto":
-        fmt = "messages" if "messages" in rec else "prompt_completion" if "prompt" in rec else "text" if "text" in rec else None
-        if fmt is None:
-            keys = ", ".join(sorted(rec)) or "none"
-            raise BadRecord(where, "missing_field", f"record has none of 'messages', 'prompt'+'completion', 'text' (keys: {keys})")
+    try:
+        fmt, rec = normalize(rec, fmt)
+    except FormatError as e:
+        raise BadRecord(where, e.reason, e.detail) from None
     try:
         if fmt == "messages":
             if (err := _check_messages(rec.get("messages"))) is not None:

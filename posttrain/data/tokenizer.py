@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, check_model_source, hub_hint, read_chat_template
 
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "[PAD]", "<|pad|>")
 FINGERPRINT_FILE = "posttrain.json"
@@ -23,12 +23,16 @@ class TokenizerMismatchError(RuntimeError):
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     src = cfg.tokenizer or cfg.path
+    key = f"model.{'tokenizer' if cfg.tokenizer else 'path'}"
+    check_model_source(src, key=key, revision=cfg.revision)
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.{'tokenizer' if cfg.tokenizer else 'path'}: cannot load a tokenizer from {src!r}: {e}") from e
+        raise ConfigError(f"{key}: cannot load a tokenizer from {src!r}{hub_hint(src)}: {e}") from e
     # A model dir written by posttrain records its tokenizer; compare before this run's additions.
     check_fingerprint(tok, cfg.path)
+    if cfg.chat_template:  # replaces or supplies the template; saved with the tokenizer on export
+        tok.chat_template = read_chat_template(cfg.chat_template)
     new_tokens = list(cfg.add_tokens)
     if cfg.add_tokens_file:
         try:

@@ -25,13 +25,21 @@ def padded_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> li
 
 
 def generation_config(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """The base model's generation config plus suppression of padded vocab rows (-inf logits)."""
+    """The base model's generation config, kept whole (every end-of-sequence id, e.g. Llama 3's
+    `<|eot_id|>`, `<|eom_id|>` and `<|end_of_text|>`; its pad id; its sampling defaults), plus
+    suppression of padded vocab rows (-inf logits). The tokenizer's eos is added to the eos ids when
+    the base config lacks it, and its pad id fills a pad the base config does not set."""
     gen = copy.deepcopy(getattr(unwrap(model), "generation_config", None) or GenerationConfig())
     pad_rows = padded_ids(model, tokenizer)
     gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(pad_rows)) or None
-    gen.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        gen.eos_token_id = tokenizer.eos_token_id
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    eos = gen.eos_token_id
+    eos_ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    if eos_ids:
+        gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     return gen
 
 

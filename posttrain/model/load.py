@@ -7,7 +7,7 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, check_model_source, hub_hint
 from .attention import NAME, check_document_isolation, default_attention
 from .families import check_supported, family_of, lora_targets
 from .hf import unwrap  # noqa: F401  (re-exported: posttrain.model.load.unwrap)
@@ -26,6 +26,7 @@ def load_model(
     training) when the vocabulary had to be resized. `packing`: the attention backend is probed and
     refused if it lets packed documents see each other (fail closed)."""
     attn = default_attention(device) if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    check_model_source(cfg.path, key="model.path", revision=cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
@@ -35,7 +36,7 @@ def load_model(
             attn_implementation=attn,
         )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path: cannot load a causal LM from {cfg.path!r}: {e}") from e
+        raise ConfigError(f"model.path: cannot load a causal LM from {cfg.path!r}{hub_hint(cfg.path)}: {e}") from e
     model.config.use_cache = False
     check_supported(model, allow_unverified=cfg.allow_unverified)
     text_cfg = model.config.get_text_config()

@@ -34,6 +34,10 @@ class Config(Strict):
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label cross-entropy")
     top_k: int | None = Field(None, ge=1, description="divergence on the teacher's top-k ids only (renormalised)")
 
+    def model_paths(self) -> dict[str, str]:
+        """Model directories this section names (checked by `posttrain validate`)."""
+        return {"teacher": self.teacher}
+
 
 def run(cfg: JobConfig, run_dir: Path) -> dict:
     c: Config = cfg.section

@@ -39,6 +39,10 @@ class Config(Strict):
     reference: str = Field("auto", description="auto | adapters | copy | a model dir (auto: adapters with LoRA, else copy)")
     precompute_reference: bool = Field(False, description="reference log-probs computed once before training")
 
+    def model_paths(self) -> dict[str, str]:
+        """Model directories this section names (checked by `posttrain validate`)."""
+        return {} if self.reference in ("auto", "adapters", "copy") else {"reference": self.reference}
+
 
 def run(cfg: JobConfig, run_dir: Path) -> dict:
     c: Config = cfg.section

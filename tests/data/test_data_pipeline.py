@@ -309,9 +309,14 @@ def test_mixer_weights_and_exhaustion(tiny_qwen3, tmp_path):
 def test_worker_exception_surfaces_with_traceback(tiny_qwen3, small_data):
     tok = load_tokenizer(ModelConfig(path=str(tiny_qwen3)))
     loader = DataLoader(_loader_cfg([small_data], transform="conftest:explode_on_third"), tok, seed=0)
-    with pytest.raises(RuntimeError, match="boom on record 3") as e:
+    from posttrain.data.records import BadRecord
+
+    # a transform's exception is a bad record naming transform, source and record (data.on_bad_record:
+    # error), raised in the training loop with the transform's own traceback as its cause
+    with pytest.raises(BadRecord, match=r"d.jsonl:\d+: transform 'conftest:explode_on_third' of source .*RuntimeError: boom on record 3") as e:
         _batches(loader, 3)
-    assert any(f.name == "explode_on_third" for f in __import__("traceback").extract_tb(e.value.__traceback__))
+    assert e.value.reason == "transform" and isinstance(e.value.__cause__, RuntimeError)
+    assert any(f.name == "explode_on_third" for f in __import__("traceback").extract_tb(e.value.__cause__.__traceback__))
 
 
 def test_bad_record_error_policy_through_the_background_loader(tiny_qwen3, tmp_path):

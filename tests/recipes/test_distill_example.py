@@ -56,10 +56,11 @@ def test_job_file_with_a_required_recipe_key_loads(tmp_path):
     required key (distill.teacher) loads, and its absence is reported once, with the file."""
     from posttrain.config import ConfigError, load_config
 
-    body = "recipe: distill\nmodel: {path: m}\ndata: {sources: [{path: d.jsonl}]}\ntrain: {steps: 1}\n"
+    # model.path and distill.teacher must exist (load_config checks them): any directory will do here
+    body = f"recipe: distill\nmodel: {{path: {tmp_path}}}\ndata: {{sources: [{{path: d.jsonl}}]}}\ntrain: {{steps: 1}}\n"
     ok = tmp_path / "ok.yaml"
-    ok.write_text(body + "distill: {teacher: t, divergence: jsd}\n")
-    assert load_config(ok).section.teacher == "t"
+    ok.write_text(body + f"distill: {{teacher: {tmp_path}, divergence: jsd}}\n")
+    assert load_config(ok).section.teacher == str(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text(body)
     with pytest.raises(ConfigError) as e:
