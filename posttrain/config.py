@@ -526,7 +526,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
 
 
 def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
-    """Import-path components (`recipe`, `data.transform`, `data.sources[i].transform`) are looked up
+    """Import-path components (`recipe`, `data.transform`, `data.sources[i].transform`, a recipe's
+    `rewards[i].fn`) are looked up
     next to the job file, then in the current directory, and stored absolute (Ray workers run
     elsewhere): `path/to/file.py:fn`, and `module:fn` when `module` is not importable but is a file
     next to the job file (a module in the current directory is imported from there as it is).
@@ -555,6 +556,10 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
         for src in data.get("sources") or []:
             if isinstance(src, dict) and "transform" in src:
                 src["transform"] = fix(src["transform"])
+    for section in raw.values():  # a recipe section's reward functions (grpo.rewards[i].fn)
+        for reward in (section.get("rewards") if isinstance(section, dict) else None) or []:
+            if isinstance(reward, dict) and "fn" in reward:
+                reward["fn"] = fix(reward["fn"])
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:

@@ -81,6 +81,8 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, metrics.get("step", 0))
         step = metrics.get("step", 0)
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if "reward/mean" in metrics:  # on-policy RL: the number a user watches
+            info = f"reward {metrics['reward/mean']:.3f}  " + info
         if "mfu" in metrics:
             info += f"  MFU {metrics['mfu']:.1%}"
         if self._progress is not None:

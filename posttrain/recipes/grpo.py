@@ -61,6 +61,10 @@ class Config(Strict):
     mask_truncated: bool = Field(False, description="leave completions cut at max_new_tokens out of the loss (DAPO overlong filtering)")
     filter_zero_variance: bool = Field(False, description="leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling)")
 
+    def model_paths(self) -> dict[str, str]:
+        """Model directories this section names (checked by `posttrain validate`)."""
+        return {} if self.reference in ("auto", "adapters", "copy") else {"reference": self.reference}
+
     @model_validator(mode="after")
     def _sampled(self):
         if self.sampling.temperature == 0:

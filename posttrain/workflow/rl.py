@@ -77,8 +77,11 @@ class Rollouts:
         finally:
             self.times[name] += time.perf_counter() - t0
 
+    PHASES = ("generate", "reward", "reference", "train", "sync")
+
     def take_times(self) -> dict[str, float]:
-        out = {f"time/{k}_s": v for k, v in sorted(self.times.items())}
+        """This step's seconds per phase (the same keys on every rank: metrics are reduced together)."""
+        out = {f"time/{k}_s": self.times.get(k, 0.0) for k in self.PHASES}
         self.times.clear()
         return out
 

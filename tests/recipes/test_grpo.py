@@ -110,3 +110,19 @@ def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, p
     m = metrics(tmp_path / "v")
     assert len(m) == 2 and all("kl" in s for s in m)
     assert m[0]["lr"] > 0 and m[1]["rollout/logp_diff_max"] < 1e-4  # step 2 sampled from the synced, merged LoRA weights
+
+
+@pytest.mark.slow
+def test_two_workers_match_one(tiny_qwen3, prompts, tmp_path):
+    """Rank 0 generates and scores for the step, each worker trains on its share under FSDP2: the
+    same rollouts and the same update as one worker (global token normaliser)."""
+    runs = {}
+    for workers in (1, 2):
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / f"w{workers}", steps=2, compute={"workers": workers},
+                       grpo={"prompts_per_step": 4})
+        run_job(JobConfig.model_validate(job))
+        runs[workers] = metrics(tmp_path / f"w{workers}")
+    for a, b in zip(runs[1], runs[2]):
+        assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
+        for key in ("grad_norm", "entropy", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
