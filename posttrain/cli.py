@@ -61,7 +61,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None 
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run.config)
-    if cfg.compute.workers > 1 or ray_address:
+    if cfg.compute.workers > 1 or ray_address or cfg.compute.worker_group == "verl":
         from .workflow.spmd import launch
 
         return launch(cfg, run_dir, ray_address=ray_address)

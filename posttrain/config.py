@@ -135,6 +135,9 @@ class ComputeConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0, description="1 per worker on a GPU cluster")
     max_restarts: int = Field(2, ge=0, description="restarts from the newest checkpoint after a worker dies")
+    worker_group: Literal["posttrain", "verl"] = Field(
+        "posttrain", description="who starts the Ray workers: posttrain's own worker group, or Verl's RayWorkerGroup "
+        "(pip install --no-deps verl, plus posttrain[verl]); the recipe and its results are the same")
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU (null: GPU table / measured CPU matmul)")
     tensorboard: bool = Field(False, description="also write TensorBoard events to <output_dir>/tensorboard")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")

