@@ -65,6 +65,11 @@ class Config(Strict):
         """Model directories this section names (checked by `posttrain validate`)."""
         return {} if self.reference in ("auto", "adapters", "copy") else {"reference": self.reference}
 
+    def ray_resources(self) -> dict[str, float]:
+        """Ray resources beyond the policy workers: the engine's actor when placed apart."""
+        r = self.rollout
+        return {"CPU": r.cpus, "GPU": r.gpus} if r.placement == "separate" else {}
+
     @model_validator(mode="after")
     def _sampled(self):
         if self.sampling.temperature == 0:

@@ -51,6 +51,10 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM on GPU: share of device memory it may take")
     max_model_len: int | None = Field(None, ge=16, description="vLLM context limit (default: data.max_seq_len)")
     enforce_eager: bool = Field(True, description="vLLM: skip torch.compile of the model (slow to start on CPU)")
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated", description="colocated: beside rank 0, taking turns with training; separate: its own Ray actor and resources")
+    cpus: float = Field(1, gt=0, description="separate placement: CPUs reserved for the engine's actor")
+    gpus: float = Field(0, ge=0, description="separate placement: GPUs reserved for the engine's actor")
 
 
 @dataclass
@@ -202,8 +206,72 @@ class HFEngine:
         self.model = None
 
 
+class _EngineActor:
+    """A rollout engine in its own Ray actor (placement: separate)."""
+
+    def __init__(self, cfg: EngineConfig, model_dir: str, dtype: str, max_model_len: int, seed: int, scratch: str):
+        from transformers import AutoTokenizer
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tok = AutoTokenizer.from_pretrained(model_dir)  # the trainer's tokenizer, exported with the model
+        self.engine = start_engine(cfg.model_copy(update={"placement": "colocated"}), model_dir, tok, dtype=getattr(torch, dtype),
+                                   device=device, max_model_len=max_model_len, seed=seed, scratch=Path(scratch))
+
+    def generate(self, prompts, sampling, n, seed):
+        return self.engine.generate(prompts, sampling, n=n, seed=seed)
+
+    def sync_file(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.engine.sync(load_file(path))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class RemoteEngine:
+    """The `RolloutEngine` interface over an engine actor with its own Ray resources. Weights travel
+    as one safetensors file in a RAM-backed directory (same machine) by path."""
+
+    def __init__(self, cfg: EngineConfig, model_dir: str | Path, *, dtype: torch.dtype, max_model_len: int, seed: int, scratch: Path):
+        import ray
+
+        if not ray.is_initialized():  # an in-process trainer (one worker): a local Ray for the engine alone
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cpus) + 1), include_dashboard=False, log_to_driver=True)
+        self.scratch = scratch
+        self.actor = ray.remote(_EngineActor).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus).remote(
+            cfg, str(model_dir), str(dtype).removeprefix("torch."), max_model_len, seed, str(scratch))
+        ray.get(self.actor.__ray_ready__.remote())
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
+        import ray
+
+        return ray.get(self.actor.generate.remote(prompts, sampling, n, seed))
+
+    def sync(self, state: dict[str, torch.Tensor]) -> None:
+        import ray
+        from safetensors.torch import save_file
+
+        d = _ram_dir(self.scratch)
+        try:
+            save_file(state, f"{d}/model.safetensors")
+            ray.get(self.actor.sync_file.remote(f"{d}/model.safetensors"))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.close.remote())
+        finally:
+            ray.kill(self.actor)
+
+
 def start_engine(cfg: EngineConfig, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device,
                  max_model_len: int, seed: int, scratch: Path) -> RolloutEngine:
+    if cfg.placement == "separate":
+        return RemoteEngine(cfg, model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed, scratch=scratch)
     if cfg.engine == "hf":
         return HFEngine(model_dir, tokenizer, dtype=dtype, device=device)
     return VLLMEngine(model_dir, tokenizer, cfg, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed, scratch=scratch)

@@ -8,6 +8,7 @@ checkpoint (compute.resume: auto), up to compute.max_restarts times, each restar
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def _ray_init(address: str | None, cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        cpus = max(cfg.compute.workers * cfg.compute.cpus_per_worker, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # a recipe's own actors (e.g. a rollout engine placed apart) declare what they need
+        extra = getattr(cfg.section, "ray_resources", dict)() if cfg.section is not None else {}
+        cpus = max(cfg.compute.workers * cfg.compute.cpus_per_worker + extra.get("CPU", 0), os.cpu_count() or 1)
+        ray.init(num_cpus=math.ceil(cpus), include_dashboard=False, runtime_env=env, log_to_driver=True)
 
 
 def _gather(refs: list) -> list:

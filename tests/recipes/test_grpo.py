@@ -137,3 +137,19 @@ def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts
             assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
             for key in ("grad_norm", "entropy", "loss"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (other, key)
+
+
+@pytest.mark.slow
+def test_engine_placed_apart_gives_the_same_run(tiny_qwen3, prompts, tmp_path):
+    """rollout.placement: separate runs the engine in its own Ray actor (weights by file): the same
+    completions and updates as the engine beside the trainer."""
+    runs = {}
+    for placement in ("colocated", "separate"):
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / placement, steps=2, grpo={"rollout": {"engine": "hf", "placement": placement}})
+        run_job(JobConfig.model_validate(job))
+        runs[placement] = metrics(tmp_path / placement)
+    for a, b in zip(runs["colocated"], runs["separate"]):
+        assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
+        for key in ("grad_norm", "entropy"):  # the same within float reordering (Ray in the process)
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert runs["separate"][1]["rollout/logp_diff_max"] < 1e-4  # the actor's engine got the update
