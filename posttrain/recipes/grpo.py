@@ -115,8 +115,8 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
                             per_token = per_token - c.entropy_coef * entropy
                         loss = aggregate(per_token, doc, n_docs, c.loss_aggregation, total_tokens=tokens, total_seqs=seqs,
                                          max_tokens=c.sampling.max_new_tokens)
-                        step.backward(loss * b["weight"], **(_metrics(b, old, w, clipped, entropy, kl, tokens * c.minibatches)
-                                                             if epoch == 0 else {}))
+                        step.backward(loss * b["weight"], **(_metrics(b, old, w, clipped, entropy, kl, tokens * c.minibatches,
+                                                                      c.importance_correction is not None) if epoch == 0 else {}))
                         if epoch == 0:
                             step.log_max(**{"rollout/logp_diff_max": (old - b["behaviour_logp"]).abs().max() * b["weight"],
                                             "importance/weight_max": w.max() * b["weight"]})
@@ -127,13 +127,14 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     return job.finish()
 
 
-def _metrics(b: dict, old, w, clipped, entropy, kl, norm: float) -> dict:
+def _metrics(b: dict, old, w, clipped, entropy, kl, norm: float, corrects: bool) -> dict:
     """Token-mean metrics of the step, as this micro-batch's share."""
     s = b["weight"] / max(norm, 1)
     m = {
         "rollout/logp_diff_mean": (old - b["behaviour_logp"]).abs().sum() * s,
         "importance/weight_mean": w.sum() * s, "clip_fraction": clipped.float().sum() * s,
-        "importance/corrected": (torch.exp(old - b["behaviour_logp"]) != w).float().sum() * s,  # tokens capped or masked
+        # tokens whose weight was capped or masked
+        "importance/corrected": (torch.exp(old - b["behaviour_logp"]) != w).float().sum() * s * corrects,
         "entropy": entropy.detach().sum() * s,
     }
     if kl is not None:
