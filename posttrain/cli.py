@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     from .data.records import BadRecord
     from .data.tokenizer import TokenizerMismatchError
+    from .workflow.engine import NothingTrained
 
     try:
         if args.cmd == "verify":
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.compute.resume = args.resume
         run_job(cfg, overwrite=args.overwrite, ray_address=args.ray_address)
         return 0
-    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError) as e:
+    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError, NothingTrained) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

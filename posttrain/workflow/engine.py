@@ -49,6 +49,11 @@ from ..model.loss import count_targets
 from ..model.sample import sample_chat
 
 
+class NothingTrained(RuntimeError):
+    """The run ended without a single optimizer step (e.g. every record was skipped): nothing is
+    exported and the command fails, so a run that did nothing never looks successful."""
+
+
 def _forward_flops(counter: FlopCounter, batch: dict) -> float:
     """Matmul FLOPs of one forward over a batch (decoder on real tokens, head on target positions)."""
     parts = counter.breakdown(batch["doc_lens"], count_targets(batch["labels"]))
@@ -315,6 +320,7 @@ class Engine:
         self.start_step = start = self._resume(loader, states)
         log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
                             start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
+        trained = 0
         try:
             for i in range(start + 1, cfg.train.steps + 1):
                 t0, wait0 = time.perf_counter(), loader.wait_s
@@ -336,10 +342,19 @@ class Engine:
                         data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
                         meta=self._meta(), keep=cfg.compute.keep_checkpoints,
                     )
+                trained += 1
         finally:
             log.close()
             loader.close()
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
+        if start + trained == 0:
+            sources = ", ".join(s.path for s in cfg.data.sources)
+            raise NothingTrained(
+                f"no training step ran: data.sources ({sources}) gave no batch ({loader.stats.summary()}); "
+                "nothing was exported. Check the data files, data.on_bad_record and data.max_epochs"
+            )
+        if trained == 0:
+            self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
 
     def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
         micro = step.micro
