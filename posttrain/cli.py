@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
+from .compute import replace
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
 from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
@@ -45,8 +45,23 @@ def _parser() -> argparse.ArgumentParser:
 def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None = None) -> dict:
     run = RunDir(cfg.compute.output_dir)
     run_dir = run.root
-    if overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    replace.settle(run)  # a replacement (--overwrite) killed before it finished
+    replacing = overwrite and run_dir.exists()
+    if replacing:  # checked first, then moved aside; removed once the new run checkpoints or ends
+        replace.set_aside(run, cfg)
+    try:
+        result = _run(cfg, run, ray_address)
+    except BaseException:
+        if replacing:
+            replace.settle(run)
+        raise
+    if replacing:
+        replace.drop_previous(run)
+    return result
+
+
+def _run(cfg: JobConfig, run: RunDir, ray_address: str | None) -> dict:
+    run_dir = run.root
     # A run with checkpoints is resumed (compute.resume: auto). One that trained or exported without
     # leaving a checkpoint is never silently replaced; one that failed before its first step (bad
     # config, bad record) left nothing worth keeping.
@@ -58,7 +73,10 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None 
             f"compute.output_dir: {run_dir} already holds a run without a checkpoint to resume; choose "
             "another output_dir or pass --overwrite to replace it"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"compute.output_dir: cannot create {run_dir} ({e.strerror or e})") from e
     dump_config(cfg, run.config)
     if cfg.compute.workers > 1 or ray_address:
         from .workflow.spmd import launch

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import atomic
+from ..compute import replace
 from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
@@ -342,6 +343,8 @@ class Engine:
                         data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
                         meta=self._meta(), keep=cfg.compute.keep_checkpoints,
                     )
+                    if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
+                        replace.drop_previous(self.out)
                 trained += 1
         finally:
             log.close()
