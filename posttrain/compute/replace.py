@@ -69,7 +69,7 @@ def set_aside(run: RunDir, cfg: JobConfig) -> None:
     except OSError as e:
         raise ConfigError(f"compute.output_dir: cannot move the previous run {run.root} aside to replace it "
                           f"({e.strerror or e}); remove it yourself or choose another output_dir") from e
-    console.print(f"--overwrite: the previous run is kept in {previous(run)} until this one writes a checkpoint or finishes")
+    console.print(f"--overwrite: the previous run is kept in {previous(run)} until this one writes a checkpoint or finishes", soft_wrap=True)
 
 
 def drop_previous(run: RunDir) -> None:
@@ -77,7 +77,7 @@ def drop_previous(run: RunDir) -> None:
     old = previous(run)
     if old.exists():
         shutil.rmtree(old)
-        console.print(f"--overwrite: removed the previous run ({old})")
+        console.print(f"--overwrite: removed the previous run ({old})", soft_wrap=True)
 
 
 def restore_previous(run: RunDir) -> None:
@@ -88,7 +88,7 @@ def restore_previous(run: RunDir) -> None:
     if run.root.exists():
         shutil.rmtree(run.root)
     os.replace(old, run.root)
-    console.print(f"--overwrite: the new run failed before its first checkpoint; restored the previous run in {run.root}")
+    console.print(f"--overwrite: the new run failed before its first checkpoint; restored the previous run in {run.root}", soft_wrap=True)
 
 
 def settle(run: RunDir) -> None:

@@ -33,7 +33,16 @@ import torch
 
 from .. import atomic
 from ..compute import replace
-from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..compute.checkpoint import (
+    UNREADABLE,
+    CheckpointError,
+    clean_leftovers,
+    load_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    set_aside_unreadable,
+    unreadable_reason,
+)
 from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
@@ -299,20 +308,45 @@ class Engine:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
 
     def _resume(self, loader: DataLoader, states: dict[str, Any]) -> int:
-        path = resolve_resume(self.cfg.compute.resume, self.out.checkpoints)
-        if path is None:
-            return 0
-        state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
-        if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
-            raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
-        loader.load_state_dict(state["data"])
-        saved = state.get("states") or {}
-        for name, obj in states.items():
-            if name not in saved:
-                raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
-            obj.load_state_dict(saved[name])
-        self.say(f"[bold]resumed[/] from {path} at step {state['step']}")
-        return state["step"]
+        """Restore the newest readable checkpoint; an unreadable one (corrupt or missing file) is
+        reported and the next older one tried, all ranks together."""
+        root = self.out.checkpoints
+        if self.rank == 0:  # leftovers of a killed save or write; nothing is being written yet
+            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml"])
+            if junk:
+                self.say(f"removed leftovers of an interrupted write: {', '.join(p.name for p in junk)}", soft_wrap=True)
+        unreadable = []
+        for path in resume_candidates(self.cfg.compute.resume, root):
+            error = None
+            try:
+                state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
+            except CheckpointError:
+                raise  # readable, but not for this run (workers, base weights): no fallback
+            except UNREADABLE as e:
+                error = e
+            if all_reduce(error is not None, "max"):
+                reason = unreadable_reason(error) if error is not None else "unreadable on another worker"
+                self.say(f"[yellow]checkpoint {path} is unreadable[/] ({reason}); trying the previous one", soft_wrap=True)
+                unreadable.append(f"{path.name}: {reason}")
+                continue
+            if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
+                raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
+            loader.load_state_dict(state["data"])
+            saved = state.get("states") or {}
+            for name, obj in states.items():
+                if name not in saved:
+                    raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
+                obj.load_state_dict(saved[name])
+            newest = f" (the newest readable checkpoint; {len(unreadable)} newer unreadable)" if unreadable else ""
+            self.say(f"[bold]resumed[/] from {path} at step {state['step']}{newest}", soft_wrap=True)
+            if unreadable and self.rank == 0:  # kept for inspection, out of the way of resume and retention
+                moved = set_aside_unreadable(root, [u.split(":")[0] for u in unreadable])
+                self.say(f"moved the unreadable checkpoints aside: {', '.join(str(m) for m in moved)}", soft_wrap=True)
+            return state["step"]
+        if unreadable:
+            raise CheckpointError(f"no readable checkpoint in {root} ({'; '.join(unreadable)}); restore the files, "
+                                  "or start afresh with --overwrite (or another compute.output_dir)")
+        return 0
 
     def steps(self, loader: DataLoader, **states: Any) -> Iterator[Step]:
         """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
