@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
-from .compute import replace
+from .compute import interrupt, replace
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
 from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
@@ -78,6 +79,7 @@ def _run(cfg: JobConfig, run: RunDir, ray_address: str | None) -> dict:
     except OSError as e:
         raise ConfigError(f"compute.output_dir: cannot create {run_dir} ({e.strerror or e})") from e
     dump_config(cfg, run.config)
+    run.stop_request.unlink(missing_ok=True)  # a stale one would stop this run after its first step
     if cfg.compute.workers > 1 or ray_address:
         from .workflow.spmd import launch
 
@@ -86,7 +88,17 @@ def _run(cfg: JobConfig, run: RunDir, ray_address: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        with interrupt.immediate():  # the training loop defers signals to a step boundary (engine)
+            return _main(argv)
+    except KeyboardInterrupt:  # before our handler was installed
+        print("interrupted: SIGINT", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    cfg = None
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # our console carries the run's story
@@ -132,6 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError, NothingTrained) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except interrupt.Interrupted as e:
+        msg = str(e)
+        if cfg is not None and "checkpoint" not in msg:  # stopped at once: say what can be resumed
+            newest = find_latest(RunDir(cfg.compute.output_dir).checkpoints)
+            msg += f"; the newest checkpoint is {newest} (run the same command again to resume)" if newest else "; no checkpoint to resume from"
+        print(f"interrupted: {msg}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device writing {e.filename or 'a file'}; free some space and run the same command "
+              "again (a run with a checkpoint resumes from it)", file=sys.stderr)
         return 2
 
 

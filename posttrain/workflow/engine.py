@@ -32,11 +32,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import atomic
-from ..compute import replace
+from ..compute import interrupt, replace
 from ..compute.checkpoint import (
     UNREADABLE,
     CheckpointError,
     clean_leftovers,
+    find_latest,
     load_checkpoint,
     resume_candidates,
     save_checkpoint,
@@ -356,30 +357,39 @@ class Engine:
         log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
                             start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
         trained = 0
+
+        def save(i: int):
+            path = save_checkpoint(
+                self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
+                meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+            )
+            if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
+                replace.drop_previous(self.out)
+            return path
+
         try:
-            for i in range(start + 1, cfg.train.steps + 1):
-                t0, wait0 = time.perf_counter(), loader.wait_s
-                micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
-                micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
-                if not micro:
-                    self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
-                    break
-                micro = [self._to_device(b) for b in micro]
-                step = Step(self, i, micro)
-                yield step
-                if not step.updated:
-                    raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
-                dt = time.perf_counter() - t0
-                log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
-                if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
-                    save_checkpoint(
-                        self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
-                        data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
-                        meta=self._meta(), keep=cfg.compute.keep_checkpoints,
-                    )
-                    if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
-                        replace.drop_previous(self.out)
-                trained += 1
+            with interrupt.deferred():  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
+                for i in range(start + 1, cfg.train.steps + 1):
+                    t0, wait0 = time.perf_counter(), loader.wait_s
+                    micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+                    micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
+                    if not micro:
+                        self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
+                        break
+                    micro = [self._to_device(b) for b in micro]
+                    step = Step(self, i, micro)
+                    yield step
+                    if not step.updated:
+                        raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
+                    dt = time.perf_counter() - t0
+                    log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
+                    saved = None
+                    if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
+                        saved = save(i)
+                    trained += 1
+                    if signum := self._stop_signal():
+                        raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
         finally:
             log.close()
             loader.close()
@@ -392,6 +402,26 @@ class Engine:
             )
         if trained == 0:
             self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
+
+    def _stop_signal(self) -> int:
+        """The signal that stops the run after this step, agreed by every rank (0: go on): this
+        process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank."""
+        local = interrupt.requested() or 0
+        if not local:
+            try:
+                local = int(self.out.stop_request.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pass
+        return int(all_reduce(local, "max"))
+
+    def _interrupted(self, signum: int, step: int, saved: Path | None) -> interrupt.Interrupted:
+        if saved is not None:
+            where = f"checkpoint {saved} written; run the same command again to resume"
+        else:
+            newest = find_latest(self.out.checkpoints)
+            where = "not checkpointed (compute.checkpoint_on_interrupt: false); " + (
+                f"the newest checkpoint is {newest}" if newest else "no checkpoint to resume from")
+        return interrupt.Interrupted(signum, f"{interrupt.name(signum)} after step {step}: {where}")
 
     def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
         micro = step.micro
