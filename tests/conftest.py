@@ -124,6 +124,20 @@ def kill_once(rec):
     return rec
 
 
+def sigterm_once(rec):
+    """A transform that sends SIGTERM to its own (worker) process the first time it meets a record
+    carrying `sigterm_marker` (a scheduler stopping one worker), then never again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    marker = rec.pop("sigterm_marker", None)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text("signalled")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return rec
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """Prompt = the last user turn of a demo conversation; chosen its answer; rejected a wrong one."""
     rng = random.Random(seed)

@@ -33,6 +33,9 @@ class Interrupted(Exception):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self):  # travels from a Ray worker to the driver
+        return type(self), (self.signum, str(self))
+
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

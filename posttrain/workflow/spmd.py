@@ -61,7 +61,10 @@ def _gather(refs: list) -> list:
     index = {r: i for i, r in enumerate(refs)}
     results, pending = [None] * len(refs), list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # with a timeout, so that the driver's signal handler (Ctrl-C: a stop request) runs meanwhile
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        if not done:
+            continue
         try:
             results[index[done[0]]] = ray.get(done[0])
         except ray.exceptions.RayTaskError:
