@@ -53,9 +53,9 @@ class DiskFullError(CheckpointError):
     """A checkpoint did not fit on the disk; the previous one is still the resume point."""
 
 
-# Errors of a damaged checkpoint (truncated or missing file, bad pickle or JSON); DCP raises
-# CheckpointException, a BaseException.
-UNREADABLE = (Exception, CheckpointException)
+# What a checkpoint write or read can raise (a full disk; a truncated or missing file, a bad pickle
+# or JSON); DCP raises CheckpointException, a BaseException.
+IO_ERRORS = (Exception, CheckpointException)
 
 
 def _barrier() -> None:
@@ -145,7 +145,7 @@ def save_checkpoint(
             with _single_process_quiet():
                 dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
             torch.save({"data": data_state, "rng": rng_state(), "states": states or {}}, tmp / f"rank_{rank:05d}.pt")
-        except UNREADABLE as e:
+        except IO_ERRORS as e:
             failure = e
         checksum = frozen_checksum(model)  # collective: every rank
         _agree(failure, tmp, final, _state_bytes(msd, osd))
@@ -160,7 +160,7 @@ def save_checkpoint(
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 atomic.write_text(ckpt_root / "latest", final.name)
-            except UNREADABLE as e:
+            except IO_ERRORS as e:
                 failure = e
         else:
             failure = None
@@ -330,8 +330,11 @@ def set_aside_unreadable(ckpt_root: Path, names: list[str]) -> list[Path]:
     moved = []
     for name in names:
         src, dst = Path(ckpt_root) / name, Path(ckpt_root) / f"unreadable.{name}"
+        n = 1
+        while dst.exists():  # an earlier damaged copy of the same step is kept too
+            n += 1
+            dst = dst.with_name(f"unreadable.{name}.{n}")
         if src.exists():
-            shutil.rmtree(dst, ignore_errors=True)
             os.replace(src, dst)
             moved.append(dst)
     return moved

@@ -34,7 +34,7 @@ import torch
 from .. import atomic
 from ..compute import interrupt, replace
 from ..compute.checkpoint import (
-    UNREADABLE,
+    IO_ERRORS,
     CheckpointError,
     clean_leftovers,
     find_latest,
@@ -323,12 +323,12 @@ class Engine:
                 state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
             except CheckpointError:
                 raise  # readable, but not for this run (workers, base weights): no fallback
-            except UNREADABLE as e:
+            except IO_ERRORS as e:
                 error = e
             if all_reduce(error is not None, "max"):
                 reason = unreadable_reason(error) if error is not None else "unreadable on another worker"
                 self.say(f"[yellow]checkpoint {path} is unreadable[/] ({reason}); trying the previous one", soft_wrap=True)
-                unreadable.append(f"{path.name}: {reason}")
+                unreadable.append((path, reason))
                 continue
             if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
                 raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
@@ -341,11 +341,14 @@ class Engine:
             newest = f" (the newest readable checkpoint; {len(unreadable)} newer unreadable)" if unreadable else ""
             self.say(f"[bold]resumed[/] from {path} at step {state['step']}{newest}", soft_wrap=True)
             if unreadable and self.rank == 0:  # kept for inspection, out of the way of resume and retention
-                moved = set_aside_unreadable(root, [u.split(":")[0] for u in unreadable])
+                moved = set_aside_unreadable(root, [p.name for p, _ in unreadable])
                 self.say(f"moved the unreadable checkpoints aside: {', '.join(str(m) for m in moved)}", soft_wrap=True)
             return state["step"]
+        if unreadable and self.cfg.compute.resume != "auto":
+            raise CheckpointError(f"compute.resume: {unreadable[0][0]} is unreadable ({unreadable[0][1]})")
         if unreadable:
-            raise CheckpointError(f"no readable checkpoint in {root} ({'; '.join(unreadable)}); restore the files, "
+            listed = "; ".join(f"{p.name}: {why}" for p, why in unreadable)
+            raise CheckpointError(f"no readable checkpoint in {root} ({listed}); restore the files, "
                                   "or start afresh with --overwrite (or another compute.output_dir)")
         return 0
 

@@ -157,3 +157,6 @@ def test_no_readable_checkpoint_is_one_clear_error(tiny_qwen3, data, tmp_path):
         (ckpt / "rank_00000.pt").unlink()
     with pytest.raises(C.CheckpointError, match=r"no readable checkpoint in .*step_00000002: FileNotFoundError.*step_00000001: "):
         run_job(_job(tiny_qwen3, data, out))
+    chosen = out / "checkpoints" / "step_00000001"  # a checkpoint given by path: no fallback
+    with pytest.raises(C.CheckpointError, match=rf"^compute.resume: {chosen} is unreadable \(FileNotFoundError"):
+        run_job(_job(tiny_qwen3, data, out, resume=str(chosen)))
