@@ -214,7 +214,7 @@ def _agree(failure: BaseException | None, tmp: Path, final: Path, local_bytes: i
     if any_full:
         raise DiskFullError(
             f"no space left on device writing checkpoint {final.name} in {final.parent}: it needs about {_mib(needed)} "
-            f"({_mib(free)} free); the partial checkpoint was removed and {keep}. Free some space (or lower "
+            f"({_mib(free_bytes(tmp))} free); the partial checkpoint was removed and {keep}. Free some space (or lower "
             "compute.keep_checkpoints) and run the same command again to resume"
         ) from failure
     if failure is None:

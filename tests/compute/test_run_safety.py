@@ -78,6 +78,21 @@ def test_overwrite_with_a_typo_keeps_the_previous_run(old_run, capsys, override,
     assert _snapshot(run_dir) == files
 
 
+def test_overwrite_where_nothing_can_be_written_keeps_the_previous_run(old_run, monkeypatch, capsys):
+    job, run_dir, files = old_run
+
+    def read_only(*a, **k):  # what a read-only or full filesystem answers (root ignores chmod)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(replace.tempfile, "NamedTemporaryFile", read_only)
+    capsys.readouterr()
+    assert main(["run", str(job), "--overwrite"]) == 2
+    err = _text(capsys.readouterr().err)
+    assert f"error: compute.output_dir: cannot write in {run_dir.parent} (Permission denied)" in err
+    assert f"the previous run in {run_dir} is untouched" in err
+    assert _snapshot(run_dir) == files
+
+
 def test_an_output_dir_that_cannot_be_created_is_one_line(tiny_qwen3, data, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
