@@ -105,6 +105,24 @@ def test_torch_opaque_write_error_on_a_full_disk_is_reported_as_disk_full(tiny_q
     assert list((out / "checkpoints").iterdir()) == []
 
 
+def test_disk_full_elsewhere_is_one_line(tiny_qwen3, data, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from posttrain.compute import metrics
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(tiny_qwen3, data, tmp_path / "run", steps=1).model_dump(mode="json")))
+    full = tmp_path / "run" / "metrics.jsonl"
+
+    def no_room(m):
+        raise OSError(errno.ENOSPC, "No space left on device", str(full))
+
+    monkeypatch.setattr(metrics, "_SINKS", [no_room])
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: no space left on device writing {full}; free some space" in _text(err)
+
+
 def test_another_save_error_is_raised_as_is_and_cleaned_up(tiny_qwen3, data, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ValueError("not a disk problem")
