@@ -371,29 +371,31 @@ class Engine:
                 replace.drop_previous(self.out)
             return path
 
+        signals = contextlib.ExitStack()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
+        signals.enter_context(interrupt.deferred())
         try:
-            with interrupt.deferred():  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
-                for i in range(start + 1, cfg.train.steps + 1):
-                    t0, wait0 = time.perf_counter(), loader.wait_s
-                    micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
-                    micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
-                    if not micro:
-                        self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
-                        break
-                    micro = [self._to_device(b) for b in micro]
-                    step = Step(self, i, micro)
-                    yield step
-                    if not step.updated:
-                        raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
-                    dt = time.perf_counter() - t0
-                    log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
-                    saved = None
-                    if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
-                        saved = save(i)
-                    trained += 1
-                    if signum := self._stop_signal():
-                        raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
+            for i in range(start + 1, cfg.train.steps + 1):
+                t0, wait0 = time.perf_counter(), loader.wait_s
+                micro = [b for _, b in zip(range(cfg.train.grad_accum), loader)]
+                micro = micro[: int(all_reduce(len(micro), "min"))]  # ranks stop together when data runs out
+                if not micro:
+                    self.say(f"[yellow]data exhausted after {i - 1} steps (data.max_epochs={cfg.data.max_epochs})")
+                    break
+                micro = [self._to_device(b) for b in micro]
+                step = Step(self, i, micro)
+                yield step
+                if not step.updated:
+                    raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
+                dt = time.perf_counter() - t0
+                log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
+                saved = None
+                if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
+                    saved = save(i)
+                trained += 1
+                if signum := self._stop_signal():
+                    raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
         finally:
+            signals.close()
             log.close()
             loader.close()
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
