@@ -62,7 +62,7 @@ def _gather(refs: list) -> list:
     results, pending = [None] * len(refs), list(refs)
     while pending:
         # with a timeout, so that the driver's signal handler (Ctrl-C: a stop request) runs meanwhile
-        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.1)
         if not done:
             continue
         try:

@@ -106,25 +106,25 @@ def test_sigterm_to_one_worker_stops_all_at_the_same_step_and_resumes(ray_local,
     signalled[13]["sigterm_marker"] = str(tmp_path / "signalled")  # record 13 belongs to rank 1
     data = write_jsonl(tmp_path / "d.jsonl", signalled)
     ref_data = write_jsonl(tmp_path / "ref.jsonl", recs)
-    run_job(JobConfig.model_validate(_job(tiny_qwen3, ref_data, tmp_path / "ref", 2, 1, steps=10)))
-    job = _job(tiny_qwen3, data, tmp_path / "run", 2, 1, steps=10)
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, ref_data, tmp_path / "ref", 2, 1, steps=16)))
+    job = _job(tiny_qwen3, data, tmp_path / "run", 2, 1, steps=16)
     job["data"].update(transform="conftest:sigterm_once", buffer_size=1, prefetch=1)
     with pytest.raises(Interrupted, match=r"^SIGTERM after step \d+: checkpoint .* written") as exc:
         run_job(JobConfig.model_validate(job))
     assert (tmp_path / "signalled").exists()
     [ckpt] = complete_checkpoints(tmp_path / "run" / "checkpoints")
     meta = read_meta(ckpt)
-    assert f"after step {meta['step']}:" in str(exc.value) and meta["world_size"] == 2 and 0 < meta["step"] < 10
+    assert f"after step {meta['step']}:" in str(exc.value) and meta["world_size"] == 2 and 0 < meta["step"] < 16
     assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model_optim", "rank_00000.pt", "rank_00001.pt", "trainer.pt"]
     assert max(_losses_by_step(tmp_path / "run")) == meta["step"]
     # Ctrl-C on the driver (not the workers): its stop request stops both ranks after the same step
-    watcher = threading.Thread(target=_signal_self_at, args=(tmp_path / "run" / "metrics.jsonl", meta["step"] + 2, signal.SIGINT))
+    watcher = threading.Thread(target=_signal_self_at, args=(tmp_path / "run" / "metrics.jsonl", meta["step"] + 1, signal.SIGINT))
     watcher.start()
     with pytest.raises(Interrupted, match=r"^SIGINT after step \d+: checkpoint .* written"):
         run_job(JobConfig.model_validate(job))
     watcher.join()
     stop = read_meta(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])
-    assert meta["step"] + 2 <= stop["step"] < 10 and max(_losses_by_step(tmp_path / "run")) == stop["step"]
+    assert meta["step"] + 1 <= stop["step"] < 16 and max(_losses_by_step(tmp_path / "run")) == stop["step"]
     assert not (tmp_path / "run" / ".stop-request").exists()
     res = run_job(JobConfig.model_validate(job))
     assert res["start_step"] == stop["step"]
