@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import shutil
 import sys
 from pathlib import Path
 
+from .compute import interrupt, replace
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
 from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
@@ -46,8 +47,23 @@ def _parser() -> argparse.ArgumentParser:
 def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None = None) -> dict:
     run = RunDir(cfg.compute.output_dir)
     run_dir = run.root
-    if overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    replace.settle(run)  # a replacement (--overwrite) killed before it finished
+    replacing = overwrite and run_dir.exists()
+    if replacing:  # checked first, then moved aside; removed once the new run checkpoints or ends
+        replace.set_aside(run, cfg)
+    try:
+        result = _run(cfg, run, ray_address)
+    except BaseException:
+        if replacing:
+            replace.settle(run)
+        raise
+    if replacing:
+        replace.drop_previous(run)
+    return result
+
+
+def _run(cfg: JobConfig, run: RunDir, ray_address: str | None) -> dict:
+    run_dir = run.root
     # A run with checkpoints is resumed (compute.resume: auto). One that trained or exported without
     # leaving a checkpoint is never silently replaced; one that failed before its first step (bad
     # config, bad record) left nothing worth keeping.
@@ -59,8 +75,12 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None 
             f"compute.output_dir: {run_dir} already holds a run without a checkpoint to resume; choose "
             "another output_dir or pass --overwrite to replace it"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"compute.output_dir: cannot create {run_dir} ({e.strerror or e})") from e
     dump_config(cfg, run.config)
+    run.stop_request.unlink(missing_ok=True)  # a stale one would stop this run after its first step
     if cfg.compute.workers > 1 or ray_address or cfg.compute.worker_group == "verl":
         from .workflow.spmd import launch
 
@@ -69,13 +89,24 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, ray_address: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        with interrupt.immediate():  # the training loop defers signals to a step boundary (engine)
+            return _main(argv)
+    except KeyboardInterrupt:  # before our handler was installed
+        print("interrupted: SIGINT", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    cfg = None
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # our console carries the run's story
     transformers.utils.logging.disable_progress_bar()
     from .data.records import BadRecord
     from .data.tokenizer import TokenizerMismatchError
+    from .workflow.engine import NothingTrained
 
     try:
         if args.cmd == "verify":
@@ -112,8 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg.compute.resume = args.resume
         run_job(cfg, overwrite=args.overwrite, ray_address=args.ray_address)
         return 0
-    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError, RewardError) as e:
+    except (ConfigError, BadRecord, TokenizerMismatchError, CheckpointError, NothingTrained, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except interrupt.Interrupted as e:
+        msg = str(e)
+        if cfg is not None and "checkpoint" not in msg:  # stopped at once: say what can be resumed
+            newest = find_latest(RunDir(cfg.compute.output_dir).checkpoints)
+            msg += f"; the newest checkpoint is {newest} (run the same command again to resume)" if newest else "; no checkpoint to resume from"
+        print(f"interrupted: {msg}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device writing {e.filename or 'a file'}; free some space and run the same command "
+              "again (a run with a checkpoint resumes from it)", file=sys.stderr)
         return 2
 
 

@@ -144,6 +144,9 @@ class ComputeConfig(Strict):
     progress: bool = True
     checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest K checkpoints (null: all)")
+    checkpoint_on_interrupt: bool = Field(
+        True, description="on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (every "
+        "worker at the same step), so the run resumes from there; a second signal stops at once")
     # auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a path
     resume: str = "auto"
 

@@ -132,6 +132,20 @@ def kill_once(rec):
     return rec
 
 
+def sigterm_once(rec):
+    """A transform that sends SIGTERM to its own (worker) process the first time it meets a record
+    carrying `sigterm_marker` (a scheduler stopping one worker), then never again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    marker = rec.pop("sigterm_marker", None)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text("signalled")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return rec
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """Prompt = the last user turn of a demo conversation; chosen its answer; rejected a wrong one."""
     rng = random.Random(seed)
@@ -145,19 +159,21 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
     return recs
 
 
-def run_and_kill(job_file, run_dir, kill_at):
-    """Start `posttrain run` in a subprocess; SIGKILL it once metrics show step >= kill_at."""
+def run_and_kill(job_file, run_dir, kill_at, sig=signal.SIGKILL, returncode=None) -> str:
+    """Start `posttrain run` in a subprocess; send it `sig` (SIGKILL) once metrics show step >=
+    kill_at; check its exit status (default: killed by `sig`); return its stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(l)["step"] >= kill_at for l in metrics.read_text().splitlines() if l.strip()):
-            proc.send_signal(signal.SIGKILL)
+        if metrics.exists() and any(json.loads(l)["step"] >= kill_at for l in metrics.read_text().splitlines() if l.endswith("}")):
+            proc.send_signal(sig)
             break
         time.sleep(0.01)
-    proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == (-sig if returncode is None else returncode), err[-3000:]
+    return err
 
 
 def load_padded(path, pad_rows=0, seed=0):

@@ -8,17 +8,23 @@
             trainer.pt        LR scheduler, step
             meta.json         step, world size, tokenizer fingerprint, resolved config; written last
         latest             name of the newest complete checkpoint, replaced atomically
-        .step_00000400.tmp/   a save in progress (or killed): never picked up
+        .step_00000400.tmp/   a save in progress (or killed): never picked up, removed on the next start
+        unreadable.step_N/    a checkpoint found damaged on resume, kept for inspection
 
 A checkpoint becomes visible only by the rename of its finished temporary directory, after its
 files were fsynced; `latest` is updated after that. Resume picks `latest` if it is complete, else
-the newest complete `step_*` directory. Frozen weights (LoRA's base) are not saved; a checksum of
+the newest complete `step_*` directory; one that cannot be read (a corrupt or missing file) is
+reported and the next older one is tried. Frozen weights (LoRA's base) are not saved; a checksum of
 them is, and resuming against a different base model fails loudly.
+
+A save that fails (on any rank) removes its temporary directory on every path out, so the previous
+checkpoint stays the resume point; a full disk is reported as such, with the size needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -30,16 +36,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .. import atomic
-from .distributed import all_reduce, rank_world
+from .distributed import all_reduce, all_reduce_many, rank_world
 
 _OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint did not fit on the disk; the previous one is still the resume point."""
+
+
+# What a checkpoint write or read can raise (a full disk; a truncated or missing file, a bad pickle
+# or JSON); DCP raises CheckpointException, a BaseException.
+IO_ERRORS = (Exception, CheckpointException)
 
 
 def _barrier() -> None:
@@ -111,7 +127,9 @@ def save_checkpoint(
     states: dict | None = None,
     keep: int | None = None,
 ) -> Path:
-    """`states`: this rank's recipe states (name -> state_dict), restored by `load_checkpoint`."""
+    """`states`: this rank's recipe states (name -> state_dict), restored by `load_checkpoint`.
+    Every rank learns of a failure on any rank (a collective, never a hang); the temporary directory
+    is removed whatever the failure, including an interrupt."""
     rank, world = rank_world()
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
@@ -120,27 +138,115 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-    with _single_process_quiet():
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
-    torch.save({"data": data_state, "rng": rng_state(), "states": states or {}}, tmp / f"rank_{rank:05d}.pt")
-    checksum = frozen_checksum(model)  # collective: every rank
-    _barrier()
-    if rank == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
-        (tmp / "meta.json").write_text(json.dumps({
-            "step": step, "world_size": world, "frozen_checksum": checksum, **meta,
-        }, indent=2, default=str))
-        _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic.write_text(ckpt_root / "latest", final.name)
-        if keep:
-            for old in complete_checkpoints(ckpt_root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+        failure = None
+        try:
+            with _single_process_quiet():
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
+            torch.save({"data": data_state, "rng": rng_state(), "states": states or {}}, tmp / f"rank_{rank:05d}.pt")
+        except IO_ERRORS as e:
+            failure = e
+        checksum = frozen_checksum(model)  # collective: every rank
+        _agree(failure, tmp, final, _state_bytes(msd, osd))
+        if rank == 0:
+            try:
+                torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
+                (tmp / "meta.json").write_text(json.dumps({
+                    "step": step, "world_size": world, "frozen_checksum": checksum, **meta,
+                }, indent=2, default=str))
+                _fsync_tree(tmp)
+                if final.exists():  # a re-save of the same step (after a resume): replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                atomic.write_text(ckpt_root / "latest", final.name)
+            except IO_ERRORS as e:
+                failure = e
+        else:
+            failure = None
+        _agree(failure, tmp, final, _state_bytes(msd, osd))
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0 and keep:
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _state_bytes(*state_dicts) -> int:
+    """Bytes of the tensors in (nested) state dicts, this rank's shards."""
+    def walk(x):
+        if torch.is_tensor(x):
+            x = x.to_local() if hasattr(x, "to_local") else x
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return 0
+    return sum(walk(sd) for sd in state_dicts)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem of `path` (or its nearest existing ancestor)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _agree(failure: BaseException | None, tmp: Path, final: Path, local_bytes: int) -> None:
+    """Every rank raises if any rank failed (a collective in place of a barrier); rank 0 removes the
+    temporary directory. A full disk (on any rank) becomes one clear DiskFullError on every rank."""
+    rank, world = rank_world()
+    free = free_bytes(tmp)
+    full = failure is not None and _no_space(failure, free < local_bytes * world)
+    failed, any_full, needed = all_reduce_many([failure is not None, full, local_bytes])
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = find_latest(final.parent)
+    keep = f"{previous} is still the resume point" if previous else "there is no earlier checkpoint to resume from"
+    if any_full:
+        raise DiskFullError(
+            f"no space left on device writing checkpoint {final.name} in {final.parent}: it needs about {_mib(needed)} "
+            f"({_mib(free_bytes(tmp))} free); the partial checkpoint was removed and {keep}. Free some space (or lower "
+            "compute.keep_checkpoints) and run the same command again to resume"
+        ) from failure
+    if failure is None:
+        raise CheckpointError(f"another worker failed writing checkpoint {final.name} in {final.parent}; {keep}")
+    raise failure
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _no_space(e: BaseException, short_of_space: bool) -> bool:
+    """Whether `e` (or an exception it wraps) is a full disk. torch's zip writer reports ENOSPC as an
+    opaque `enforce fail at inline_container.cc` / `file write failed`: that counts when the disk
+    indeed has less room left than the checkpoint needs."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        text = str(x) if not isinstance(x, CheckpointException) else ""
+        if "No space left on device" in text:
+            return True
+        if short_of_space and any(m in text for m in ("inline_container", "file write failed", "unexpected pos")):
+            return True
+        stack += [x.__cause__, x.__context__]
+        if isinstance(x, CheckpointException):
+            stack += [f[0] if isinstance(f, tuple) else f for f in x.failures.values()]
+    return False
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -188,14 +294,59 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
 
 def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
     """compute.resume: `auto` (newest complete checkpoint, if any), `never`, or a checkpoint path."""
+    found = resume_candidates(spec, ckpt_root)
+    return found[0] if found else None
+
+
+def resume_candidates(spec: str, ckpt_root: Path) -> list[Path]:
+    """The checkpoints to try in order: for `auto`, `latest` then every complete one, newest first
+    (an unreadable one falls back to the next); `never`: none; a path: only that one."""
     if spec == "never":
-        return None
+        return []
     if spec == "auto":
-        return find_latest(ckpt_root)
+        latest = find_latest(ckpt_root)
+        return [latest] + [d for d in reversed(complete_checkpoints(ckpt_root)) if d != latest] if latest else []
     path = Path(spec)
     if not is_complete(path):
         raise CheckpointError(f"compute.resume: {spec!r} is not a complete posttrain checkpoint directory")
-    return path
+    return [path]
+
+
+def clean_leftovers(ckpt_root: Path) -> list[Path]:
+    """Remove what an interrupted save leaves behind: `.step_N.tmp/` dirs, `step_N/` dirs without
+    meta.json, temporary `latest` pointers. Call before any save starts (rank 0)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    junk = [*root.glob(".step_*.tmp"), *(d for d in root.glob("step_*") if d.is_dir() and not is_complete(d))]
+    for d in junk:
+        shutil.rmtree(d, ignore_errors=True)
+    return junk + atomic.remove_temporaries(root, ["latest"])
+
+
+def set_aside_unreadable(ckpt_root: Path, names: list[str]) -> list[Path]:
+    """Rename unreadable checkpoints `step_N` to `unreadable.step_N` (never resumed from, never
+    counted by retention, not replaced by a re-save of step N); returns the new paths."""
+    moved = []
+    for name in names:
+        src, dst = Path(ckpt_root) / name, Path(ckpt_root) / f"unreadable.{name}"
+        n = 1
+        while dst.exists():  # an earlier damaged copy of the same step is kept too
+            n += 1
+            dst = dst.with_name(f"unreadable.{name}.{n}")
+        if src.exists():
+            os.replace(src, dst)
+            moved.append(dst)
+    return moved
+
+
+def unreadable_reason(e: BaseException) -> str:
+    """One line on why a checkpoint could not be read (DCP's wrapper unwrapped)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        first = next(iter(e.failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def is_complete(path: Path) -> bool:

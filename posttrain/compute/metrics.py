@@ -36,6 +36,23 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a JSONL file up to its last complete one: a partial last line (a kill or a full
+    disk mid-write) and anything after a damaged line are dropped, with a note on the console."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    good = []
+    for ln in lines[:-1]:  # the text after the last newline is never a complete line
+        try:
+            json.loads(ln)
+        except ValueError:
+            break
+        good.append(ln)
+    dropped = len(lines) - 1 - len(good) + (lines[-1] != "")
+    if dropped:
+        console.print(f"{path}: truncated to its last complete line ({dropped} partial or damaged line(s) dropped)", soft_wrap=True)
+    return good
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0,
                  enabled: bool = True, tensorboard: bool = False):
@@ -53,7 +70,7 @@ class MetricsLogger:
                 raise ImportError("compute.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
             self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
         if self.path.exists():  # (re)started from step k: drop the lines of steps that will be redone
-            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+            kept = [ln for ln in complete_lines(self.path) if json.loads(ln).get("step", 0) <= start_step]
             atomic.write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.log_every = log_every
         self._progress = None

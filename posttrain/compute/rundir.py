@@ -6,6 +6,7 @@
         tensorboard/           with compute.tensorboard: true
         checkpoints/           step_N/ dirs and the `latest` pointer (compute/checkpoint.py)
         <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
+        .stop-request          written by a driver on Ctrl-C/SIGTERM: its workers stop after the step
         hf/                    the final export; hf-step_N/ from `posttrain export`
 """
 
@@ -45,6 +46,10 @@ class RunDir:
     @property
     def hf(self) -> Path:
         return self.root / "hf"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / ".stop-request"
 
     def export_of(self, ckpt_dir: Path) -> Path:
         return self.root / f"hf-{Path(ckpt_dir).name}"

@@ -10,6 +10,7 @@ in the training loop, with its original traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -72,7 +73,8 @@ class SampleStream:
                 self.stats.skipped["filtered"] += 1
                 continue
             self.stats.kept += 1
-            return sample
+            epoch = self.mixer.sources[idx].cursor.epoch
+            return sample if sample.epoch == epoch else dataclasses.replace(sample, epoch=epoch)
 
     def _encode(self, idx: int, where: str, raw: Any) -> Sample | None:
         try:
@@ -101,9 +103,6 @@ class SampleStream:
             raise BadRecord(where, "transform", f"{what} returned {type(out).__name__}; it must return a record (dict) or None")
         return out
 
-    def epoch(self) -> int:
-        return max(s.cursor.epoch for s in self.mixer.sources)
-
     def state_dict(self) -> dict:
         return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy()}
 
@@ -117,7 +116,12 @@ class _Failure:
         self.exc = exc
 
 
-_END = object()
+class _End:
+    """The data ran out; `state` is the producer's final state (the records read and skipped after
+    the last batch count too)."""
+
+    def __init__(self, state: dict):
+        self.state = state
 
 
 class DataLoader:
@@ -148,7 +152,6 @@ class DataLoader:
             return None
         batch, self.buffer = make_batch(self.buffer, budget=self.cfg.max_tokens_per_batch, pad_id=self.pad_id,
                                         packing=self.cfg.packing, multiple_of=self.cfg.pack_to_multiple_of)
-        batch["epoch"] = self.stream.epoch()
         return batch
 
     def _snapshot(self) -> dict:
@@ -158,14 +161,14 @@ class DataLoader:
         try:
             while not self._stop.is_set():
                 batch = self._produce()
-                item = (batch, self._snapshot()) if batch is not None else _END
+                item = (batch, self._snapshot()) if batch is not None else _End(self._snapshot())
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if item is _END:
+                if isinstance(item, _End):
                     return
         except BaseException as e:  # surfaces in the training loop, never dies silently
             self._q.put(_Failure(e))
@@ -195,10 +198,10 @@ class DataLoader:
             raise StopIteration
         if not self.background:
             batch = self._produce()
+            self._state = self._snapshot()
             if batch is None:
                 self._ended = True
                 raise StopIteration
-            self._state = self._snapshot()
             return batch
         if self._thread is None:
             self._start()
@@ -208,8 +211,8 @@ class DataLoader:
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
-        if item is _END:
-            self._ended = True
+        if isinstance(item, _End):
+            self._ended, self._state = True, item.state
             self.close()
             raise StopIteration
         batch, self._state = item

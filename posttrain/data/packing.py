@@ -13,9 +13,11 @@ to exactly `max_tokens` when that is null (fixed shapes). Padded mode (`packing:
 order, each document its own row, as many units as fit the budget counted with padding (rows x
 longest row), right-padded to the longest, with an attention mask.
 
-Every batch carries `doc_lens` (each document's length, in order) and `unit_docs` (the number of
-documents of each unit, in order; sum(unit_docs) == len(doc_lens)). `target_doc_index` maps each
-loss target to its document.
+Every batch carries `epoch`: the oldest pass over the data (0-based) with units not yet trained on,
+in this batch or still in the buffer; every unit of an earlier pass has been taken. It counts what
+the training consumed, not how far the reader read ahead. Also `doc_lens` (each document's length,
+in order) and `unit_docs` (the number of documents of each unit, in order; sum(unit_docs) ==
+len(doc_lens)). `target_doc_index` maps each loss target to its document.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool,
     samples = [buffer[i] for i in chosen]
     rest = [s for i, s in enumerate(buffer) if i not in picked]
     batch = pack_row(samples, budget, pad_id, multiple_of) if packing else pad_batch(samples, pad_id)
+    batch["epoch"] = min(s.epoch for s in samples + rest)  # every unit of an earlier pass has been taken
     return batch, rest
 
 

@@ -39,6 +39,7 @@ class Sample:
     labels: tuple[int, ...]  # -100 where no loss
     where: str  # file:line, for error messages
     doc_lens: tuple[int, ...] | None = None  # None: one document
+    epoch: int = 0  # the pass over its source this sample was read in (set by the loader)
 
     @property
     def docs(self) -> tuple[int, ...]:

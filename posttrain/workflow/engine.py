@@ -32,7 +32,18 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import atomic
-from ..compute.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..compute import interrupt, replace
+from ..compute.checkpoint import (
+    IO_ERRORS,
+    CheckpointError,
+    clean_leftovers,
+    find_latest,
+    load_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    set_aside_unreadable,
+    unreadable_reason,
+)
 from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
@@ -47,6 +58,11 @@ from ..model.hf import decoder_layers, unwrap
 from ..model.load import load_model
 from ..model.loss import count_targets
 from ..model.sample import sample_chat
+
+
+class NothingTrained(RuntimeError):
+    """The run ended without a single optimizer step (e.g. every record was skipped): nothing is
+    exported and the command fails, so a run that did nothing never looks successful."""
 
 
 def _forward_flops(counter: FlopCounter, batch: dict) -> float:
@@ -309,20 +325,48 @@ class Engine:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
 
     def _resume(self, loader: DataLoader, states: dict[str, Any]) -> int:
-        path = resolve_resume(self.cfg.compute.resume, self.out.checkpoints)
-        if path is None:
-            return 0
-        state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
-        if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
-            raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
-        loader.load_state_dict(state["data"])
-        saved = state.get("states") or {}
-        for name, obj in states.items():
-            if name not in saved:
-                raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
-            obj.load_state_dict(saved[name])
-        self.say(f"[bold]resumed[/] from {path} at step {state['step']}")
-        return state["step"]
+        """Restore the newest readable checkpoint; an unreadable one (corrupt or missing file) is
+        reported and the next older one tried, all ranks together."""
+        root = self.out.checkpoints
+        if self.rank == 0:  # leftovers of a killed save or write; nothing is being written yet
+            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml"])
+            if junk:
+                self.say(f"removed leftovers of an interrupted write: {', '.join(p.name for p in junk)}", soft_wrap=True)
+        unreadable = []
+        for path in resume_candidates(self.cfg.compute.resume, root):
+            error = None
+            try:
+                state = load_checkpoint(path, model=self.model, optimizer=self.opt, scheduler=self.sched)
+            except CheckpointError:
+                raise  # readable, but not for this run (workers, base weights): no fallback
+            except IO_ERRORS as e:
+                error = e
+            if all_reduce(error is not None, "max"):
+                reason = unreadable_reason(error) if error is not None else "unreadable on another worker"
+                self.say(f"[yellow]checkpoint {path} is unreadable[/] ({reason}); trying the previous one", soft_wrap=True)
+                unreadable.append((path, reason))
+                continue
+            if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
+                raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
+            loader.load_state_dict(state["data"])
+            saved = state.get("states") or {}
+            for name, obj in states.items():
+                if name not in saved:
+                    raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
+                obj.load_state_dict(saved[name])
+            newest = f" (the newest readable checkpoint; {len(unreadable)} newer unreadable)" if unreadable else ""
+            self.say(f"[bold]resumed[/] from {path} at step {state['step']}{newest}", soft_wrap=True)
+            if unreadable and self.rank == 0:  # kept for inspection, out of the way of resume and retention
+                moved = set_aside_unreadable(root, [p.name for p, _ in unreadable])
+                self.say(f"moved the unreadable checkpoints aside: {', '.join(str(m) for m in moved)}", soft_wrap=True)
+            return state["step"]
+        if unreadable and self.cfg.compute.resume != "auto":
+            raise CheckpointError(f"compute.resume: {unreadable[0][0]} is unreadable ({unreadable[0][1]})")
+        if unreadable:
+            listed = "; ".join(f"{p.name}: {why}" for p, why in unreadable)
+            raise CheckpointError(f"no readable checkpoint in {root} ({listed}); restore the files, "
+                                  "or start afresh with --overwrite (or another compute.output_dir)")
+        return 0
 
     def steps(self, loader: DataLoader, **states: Any) -> Iterator[Step]:
         """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
@@ -331,6 +375,20 @@ class Engine:
         self.start_step = start = self._resume(loader, states)
         log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
                             start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
+        trained = 0
+
+        def save(i: int):
+            path = save_checkpoint(
+                self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
+                meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+            )
+            if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
+                replace.drop_previous(self.out)
+            return path
+
+        signals = contextlib.ExitStack()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
+        signals.enter_context(interrupt.deferred())
         try:
             for i in range(start + 1, cfg.train.steps + 1):
                 t0, wait0 = time.perf_counter(), loader.wait_s
@@ -349,16 +407,45 @@ class Engine:
                     raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
                 dt = time.perf_counter() - t0
                 log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
+                saved = None
                 if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
-                    save_checkpoint(
-                        self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
-                        data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
-                        meta=self._meta(), keep=cfg.compute.keep_checkpoints,
-                    )
+                    saved = save(i)
+                trained += 1
+                if signum := self._stop_signal():
+                    raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
         finally:
+            signals.close()
             log.close()
             loader.close()
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
+        if start + trained == 0:
+            sources = ", ".join(s.path for s in cfg.data.sources)
+            raise NothingTrained(
+                f"no training step ran: data.sources ({sources}) gave no batch ({loader.stats.summary()}); "
+                "nothing was exported. Check the data files, data.on_bad_record and data.max_epochs"
+            )
+        if trained == 0:
+            self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
+
+    def _stop_signal(self) -> int:
+        """The signal that stops the run after this step, agreed by every rank (0: go on): this
+        process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank."""
+        local = interrupt.requested() or 0
+        if not local:
+            try:
+                local = int(self.out.stop_request.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pass
+        return int(all_reduce(local, "max"))
+
+    def _interrupted(self, signum: int, step: int, saved: Path | None) -> interrupt.Interrupted:
+        if saved is not None:
+            where = f"checkpoint {saved} written; run the same command again to resume"
+        else:
+            newest = find_latest(self.out.checkpoints)
+            where = "not checkpointed (compute.checkpoint_on_interrupt: false); " + (
+                f"the newest checkpoint is {newest}" if newest else "no checkpoint to resume from")
+        return interrupt.Interrupted(signum, f"{interrupt.name(signum)} after step {step}: {where}")
 
     def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
         micro = step.micro

@@ -12,7 +12,10 @@ import math
 import os
 from pathlib import Path
 
+from .. import atomic
+from ..compute import interrupt
 from ..compute.metrics import console
+from ..compute.rundir import RunDir
 from ..config import JobConfig, load_recipe
 from .worker_group import DistributedWorker, ResourcePool, WorkerGroup
 
@@ -71,7 +74,10 @@ def _gather(refs: list) -> list:
     index = {r: i for i, r in enumerate(refs)}
     results, pending = [None] * len(refs), list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # with a timeout, so that the driver's signal handler (Ctrl-C: a stop request) runs meanwhile
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+        if not done:
+            continue
         try:
             results[index[done[0]]] = ray.get(done[0])
         except ray.exceptions.RayTaskError:
@@ -89,12 +95,25 @@ def _gather(refs: list) -> list:
 
 
 def launch(cfg: JobConfig, run_dir: Path, *, ray_address: str | None = None) -> dict:
-    import ray
 
     _ray_init(ray_address, cfg)
     c = cfg.compute
     pool = ResourcePool(workers=c.workers, cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker)
     threads = c.threads or max(1, int(c.cpus_per_worker))
+    stop = RunDir(run_dir).stop_request
+    # Ctrl-C / SIGTERM here: the workers stop after the same step and checkpoint (Engine.steps reads
+    # the request); a second signal shuts the group down at once.
+    with interrupt.deferred(on_request=lambda signum: atomic.write_text(stop, str(signum))):
+        try:
+            return _run_group(cfg, run_dir, pool, threads)
+        finally:
+            stop.unlink(missing_ok=True)
+
+
+def _run_group(cfg: JobConfig, run_dir: Path, pool: ResourcePool, threads: int) -> dict:
+    import ray
+
+    c = cfg.compute
     attempt = 0
     while True:
         if c.worker_group == "verl":  # the same workers as actors of Verl's RayWorkerGroup

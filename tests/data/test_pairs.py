@@ -307,7 +307,7 @@ def test_loader_resume_with_pairs_is_exact(toks, pair_data, packing):
     ref_loader = DataLoader(cfg, tok, seed=5, encode=encode_pair_record)
     ref = [next(ref_loader) for _ in range(30)]
     ref_loader.close()
-    assert len({b["epoch"] for b in ref}) >= 2
+    assert ref_loader.state_dict()["stream"]["mixer"]["sources"][0]["cursor"]["epoch"] >= 1  # the reader crossed an epoch
     first = DataLoader(cfg, tok, seed=5, encode=encode_pair_record)
     got = [next(first) for _ in range(11)]
     state = pickle.dumps(first.state_dict())

@@ -4,8 +4,11 @@ a job runs on an existing Ray cluster started with `ray start`."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -89,6 +92,59 @@ def test_worker_death_restarts_from_checkpoint(ray_local, tiny_qwen3, fixed_len_
     assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "ref"), abs=1e-6)
     w, ref = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
     assert max(float((w[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_all_at_the_same_step_and_resumes(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """Rank 1 alone receives SIGTERM: the all-reduced stop flag makes both ranks finish the same step
+    and write one consistent (sharded) checkpoint; the rerun resumes from it to the uninterrupted run."""
+    from posttrain.compute.checkpoint import complete_checkpoints, read_meta
+    from posttrain.compute.interrupt import Interrupted
+
+    recs = [json.loads(l) for l in fixed_len_data.read_text().splitlines()]
+    signalled = [dict(r) for r in recs]
+    signalled[13]["sigterm_marker"] = str(tmp_path / "signalled")  # record 13 belongs to rank 1
+    data = write_jsonl(tmp_path / "d.jsonl", signalled)
+    ref_data = write_jsonl(tmp_path / "ref.jsonl", recs)
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, ref_data, tmp_path / "ref", 2, 1, steps=16)))
+    job = _job(tiny_qwen3, data, tmp_path / "run", 2, 1, steps=16)
+    job["data"].update(transform="conftest:sigterm_once", buffer_size=1, prefetch=1)
+    with pytest.raises(Interrupted, match=r"^SIGTERM after step \d+: checkpoint .* written") as exc:
+        run_job(JobConfig.model_validate(job))
+    assert (tmp_path / "signalled").exists()
+    [ckpt] = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    meta = read_meta(ckpt)
+    assert f"after step {meta['step']}:" in str(exc.value) and meta["world_size"] == 2 and 0 < meta["step"] < 16
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model_optim", "rank_00000.pt", "rank_00001.pt", "trainer.pt"]
+    assert max(_losses_by_step(tmp_path / "run")) == meta["step"]
+    # Ctrl-C on the driver (not the workers): its stop request stops both ranks after the same step
+    watcher = threading.Thread(target=_signal_self_at, args=(tmp_path / "run" / "metrics.jsonl", meta["step"] + 1, signal.SIGINT))
+    watcher.start()
+    with pytest.raises(Interrupted, match=r"^SIGINT after step \d+: checkpoint .* written"):
+        run_job(JobConfig.model_validate(job))
+    watcher.join()
+    stop = read_meta(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert meta["step"] + 1 <= stop["step"] < 16 and max(_losses_by_step(tmp_path / "run")) == stop["step"]
+    assert not (tmp_path / "run" / ".stop-request").exists()
+    res = run_job(JobConfig.model_validate(job))
+    assert res["start_step"] == stop["step"]
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "ref"), abs=1e-6)
+    w, ref = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
+    assert max(float((w[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+def _signal_self_at(metrics, step, sig):
+    """Send `sig` to this (the driver's) process once `metrics` shows `step`."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.endswith("}")):
+            os.kill(os.getpid(), sig)
+            return
+        time.sleep(0.02)
+
+
+def _losses_by_step(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 def test_max_restarts_exceeded_fails_with_cause(ray_local, tiny_qwen3, fixed_len_data, tmp_path):

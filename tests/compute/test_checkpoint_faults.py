@@ -1,0 +1,179 @@
+"""Checkpoints under faults: a full disk during a save, a damaged newest checkpoint, leftovers of a
+killed save, a partial metrics line. Each case resumes to exactly the uninterrupted run."""
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import posttrain.compute.checkpoint as C
+from posttrain.cli import main, run_job
+from posttrain.compute.checkpoint import DiskFullError, complete_checkpoints
+from posttrain.config import JobConfig
+
+from conftest import DEMO_DATA, job_dict, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", DEMO_DATA.read_text().splitlines()[:40])
+
+
+def _job(model, data, out, steps=3, **compute):
+    return JobConfig.model_validate(job_dict(
+        model, data, out, train={"steps": steps, "lr": 2e-3, "schedule": "constant"}, data={"max_tokens_per_batch": 256, "buffer_size": 8},
+        compute={"checkpoint_every": 1, **compute}, export={"enabled": True},
+    ))
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3, data, tmp_path_factory):
+    """The uninterrupted 3-step run: its losses and exported weights."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_job(_job(tiny_qwen3, data, out))
+    return _losses(out), load_file(out / "hf" / "model.safetensors")
+
+
+def _matches(run_dir, reference):
+    losses, weights = reference
+    assert _losses(run_dir) == losses
+    got = load_file(run_dir / "hf" / "model.safetensors")
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+
+
+def _text(err: str) -> str:
+    return " ".join(err.split())
+
+
+# ------------------------------------------------------------------------------ disk full
+def _full_disk_at(step, monkeypatch, how):
+    """Make the save of `step` fail as a full disk does, after part of its files were written."""
+    real_dcp, real_save = C.dcp.save, C.torch.save
+
+    def dcp_save(state, checkpoint_id, **kw):
+        if f"{step:08d}" in checkpoint_id and how == "dcp":
+            real_dcp(state, checkpoint_id=checkpoint_id, **kw)  # the shards land, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", checkpoint_id)
+        return real_dcp(state, checkpoint_id=checkpoint_id, **kw)
+
+    def torch_save(obj, f, *a, **kw):
+        if f"{step:08d}" in str(f) and how == "zip" and str(f).endswith("rank_00000.pt"):
+            open(f, "wb").write(b"PK\x03\x04partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # as on a full tmpfs
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(C.dcp, "save", dcp_save)
+    monkeypatch.setattr(C.torch, "save", torch_save)
+    if how == "zip":  # torch's opaque error carries no errno: the free space tells
+        monkeypatch.setattr(C, "free_bytes", lambda path: 4096)
+
+
+def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(tiny_qwen3, data, tmp_path, monkeypatch, capsys, reference):
+    import yaml
+
+    out, job = tmp_path / "run", tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(tiny_qwen3, data, out).model_dump(mode="json")))
+    _full_disk_at(2, monkeypatch, "dcp")
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert "Traceback" not in err and line.startswith("error: no space left on device writing checkpoint step_00000002 in ")
+    assert str(out / "checkpoints") in line and "it needs about" in line and "MiB" in line
+    assert f"{out / 'checkpoints' / 'step_00000001'} is still the resume point" in line
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]  # the partial dir is gone
+    monkeypatch.undo()
+    assert main(["run", str(job)]) == 0  # space freed: resume from step 1
+    assert f"resumed from {root / 'step_00000001'}" in _text(capsys.readouterr().err)
+    _matches(out, reference)
+
+
+def test_torch_opaque_write_error_on_a_full_disk_is_reported_as_disk_full(tiny_qwen3, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _full_disk_at(1, monkeypatch, "zip")
+    with pytest.raises(DiskFullError, match=r"^no space left on device writing checkpoint step_00000001 .*\(0.0 MiB free\)"
+                       r".*there is no earlier checkpoint to resume from") as exc:
+        run_job(_job(tiny_qwen3, data, out, steps=1))
+    assert "inline_container" in str(exc.value.__cause__)
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_disk_full_elsewhere_is_one_line(tiny_qwen3, data, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from posttrain.compute import metrics
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(tiny_qwen3, data, tmp_path / "run", steps=1).model_dump(mode="json")))
+    full = tmp_path / "run" / "metrics.jsonl"
+
+    def no_room(m):
+        raise OSError(errno.ENOSPC, "No space left on device", str(full))
+
+    monkeypatch.setattr(metrics, "_SINKS", [no_room])
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: no space left on device writing {full}; free some space" in _text(err)
+
+
+def test_another_save_error_is_raised_as_is_and_cleaned_up(tiny_qwen3, data, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise ValueError("not a disk problem")
+
+    monkeypatch.setattr(C.dcp, "save", boom)
+    with pytest.raises(ValueError, match="not a disk problem"):
+        run_job(_job(tiny_qwen3, data, tmp_path / "run", steps=1))
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+def test_unreadable_checkpoints_fall_back_to_the_newest_readable_and_leftovers_are_cleaned(tiny_qwen3, data, tmp_path, capsys, reference):
+    out = tmp_path / "run"
+    run_job(_job(tiny_qwen3, data, out))
+    root = out / "checkpoints"
+    # three kinds of damage, newest first: garbled meta.json, a missing rank file, a truncated shard
+    shutil.copytree(root / "step_00000003", root / "step_00000004")
+    (root / "step_00000004" / "meta.json").write_text('{"step": 4, "world_')
+    (root / "latest").write_text("step_00000004")
+    shard = next((root / "step_00000003" / "model_optim").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (root / "step_00000002" / "rank_00000.pt").unlink()
+    # leftovers of a killed save and of killed atomic writes; a partial metrics line (kill or full disk)
+    (root / ".step_00000005.tmp" / "model_optim").mkdir(parents=True)
+    (root / "step_00000006").mkdir()
+    (root / ".latest.tmp-4242").write_text("step_0000")
+    (out / ".metrics.jsonl.tmp-4242").write_text('{"step"')
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"time": 1.2, "step": 4, "epoch": 0, "lo')
+    capsys.readouterr()
+    run_job(_job(tiny_qwen3, data, out))
+    err = _text(capsys.readouterr().err)
+    for step, why in ((4, "JSONDecodeError"), (3, ""), (2, "FileNotFoundError")):
+        assert f"checkpoint {root / f'step_{step:08d}'} is unreadable ({why}" in err
+    assert f"resumed from {root / 'step_00000001'} at step 1 (the newest readable checkpoint; 3 newer unreadable)" in err
+    assert "removed leftovers of an interrupted write: .step_00000005.tmp, step_00000006, .latest.tmp-4242, .metrics.jsonl.tmp-4242" in err
+    assert "metrics.jsonl: truncated to its last complete line (1 partial or damaged line(s) dropped)" in err
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003",
+                                                      "unreadable.step_00000002", "unreadable.step_00000003", "unreadable.step_00000004"]
+    assert (root / "latest").read_text() == "step_00000003"
+    assert not (out / ".metrics.jsonl.tmp-4242").exists()
+    _matches(out, reference)
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tiny_qwen3, data, tmp_path):
+    out = tmp_path / "run"
+    run_job(_job(tiny_qwen3, data, out, steps=2))
+    for ckpt in complete_checkpoints(out / "checkpoints"):
+        (ckpt / "rank_00000.pt").unlink()
+    with pytest.raises(C.CheckpointError, match=r"no readable checkpoint in .*step_00000002: FileNotFoundError.*step_00000001: "):
+        run_job(_job(tiny_qwen3, data, out))
+    chosen = out / "checkpoints" / "step_00000001"  # a checkpoint given by path: no fallback
+    with pytest.raises(C.CheckpointError, match=rf"^compute.resume: {chosen} is unreadable \(FileNotFoundError"):
+        run_job(_job(tiny_qwen3, data, out, resume=str(chosen)))
