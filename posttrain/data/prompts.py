@@ -22,6 +22,7 @@ class Prompt:
     ids: tuple[int, ...]
     record: dict  # the whole record (reward functions read its other fields)
     where: str  # file:line
+    epoch: int = 0  # the pass over its source it was read in (set by the stream, like a Sample's)
 
 
 def prompt_messages(rec: dict, where: str) -> list[dict] | str:

@@ -144,7 +144,7 @@ class Rollouts:
                 metrics[f"reward/{name}/errors"] = float(scored.errors[name])
         items = [(p.ids, c.ids, c.logprobs, float(a), f"{p.where}#{j % self.G}")
                  for j, ((p, c), a, k) in enumerate(zip(flat, adv.tolist(), keep.tolist())) if k]
-        epoch = self.stream.epoch()
+        epoch = min(p.epoch for p in prompts)  # the pass over the prompts this step's come from
         return items, metrics, epoch
 
     def _micro_batches(self, items: list, epoch: int) -> list[dict]:
