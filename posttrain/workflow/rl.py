@@ -26,6 +26,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from ..compute import interrupt
+from ..compute.checkpoint import find_latest
 from ..compute.distributed import all_reduce
 from ..data.loader import SampleStream
 from ..data.packing import pack_row
@@ -90,7 +92,7 @@ class Rollouts:
         t0 = time.perf_counter()
         if self.job.start_step and self._synced_at < self.job.start_step:  # resumed: the engine holds step-0 weights
             self.sync(self.job.start_step)
-        payload = self._generate(index) if self.rank0 else None
+        payload = self._generate_or_stop(index) if self.rank0 else None
         if self.job.world > 1:
             box = [payload]
             dist.broadcast_object_list(box, src=0)
@@ -101,6 +103,25 @@ class Rollouts:
         items, metrics, epoch = payload
         self.metrics = metrics if self.rank0 else {k: 0.0 for k in metrics}  # rank 0's values; step.log sums ranks
         return self._micro_batches(items[self.job.rank :: self.job.world], epoch)
+
+    def _generate_or_stop(self, index: int):
+        """A Ctrl-C at a terminal reaches the engine's own processes too (vLLM's engine core and
+        worker stop on SIGINT), so a generation it interrupts fails: stop cleanly instead, with the
+        prompt stream put back where the last completed step left it."""
+        before = self.stream.state_dict()
+        try:
+            return self._generate(index)
+        except Exception:
+            signum = interrupt.requested()
+            if not signum:
+                raise
+            self.stream.load_state_dict(before)
+            newest = find_latest(self.job.out.checkpoints)
+            raise interrupt.Interrupted(signum, (
+                f"{interrupt.name(signum)} during the rollouts of step {index}, which stopped the rollout engine too: "
+                + (f"the newest checkpoint is {newest}; run the same command again to resume" if newest
+                   else "no checkpoint to resume from (compute.checkpoint_every)")
+                + " (rollout.placement: separate keeps the engine out of the terminal's reach)")) from None
 
     def _generate(self, index: int):
         prompts: list[Prompt] = []
@@ -186,7 +207,11 @@ class Rollouts:
 
     # ---------------------------------------------------------------------------- weights
     def sync(self, step: int) -> None:
-        """The policy's current weights into the engine (gathered on rank 0; a collective)."""
+        """The policy's current weights into the engine (gathered on rank 0; a collective). Skipped
+        when the run stops after this step (Ctrl-C / SIGTERM, agreed by every rank): the engine may
+        have received the signal too, and the next run's engine starts from the checkpoint."""
+        if all_reduce(interrupt.requested() or 0, "max"):
+            return
         with self.phase("sync"):
             state = self.job.inference_weights()
             if self.rank0:
@@ -207,8 +232,12 @@ class Rollouts:
 
     def close(self) -> None:
         if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            try:
+                engine.close()
+            except Exception:  # noqa: BLE001 - an engine stopped by a signal may fail to shut down cleanly
+                if not interrupt.requested():
+                    raise
         if self.rank0:
             shutil.rmtree(self.model_dir, ignore_errors=True)
 

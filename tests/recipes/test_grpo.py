@@ -153,3 +153,35 @@ def test_engine_placed_apart_gives_the_same_run(tiny_qwen3, prompts, tmp_path):
         for key in ("grad_norm", "entropy"):  # the same within float reordering (Ray in the process)
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert runs["separate"][1]["rollout/logp_diff_max"] < 1e-4  # the actor's engine got the update
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_a_vllm_engine_stops_cleanly_and_resumes(tiny_qwen3_h32, prompts, tmp_path):
+    """A terminal Ctrl-C reaches the whole process group, vLLM's engine processes included (they stop
+    on SIGINT): the run still stops with one line, no traceback, no orphaned engine, and resumes."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("vllm")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(grpo_job(tiny_qwen3_h32, prompts, tmp_path / "r", steps=6, compute={"checkpoint_every": 1},
+                                                grpo={"rollout": {"engine": "vllm"}})))
+    cmd = [sys.executable, "-m", "posttrain.cli", "run", str(job_file)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = tmp_path / "r" / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: every process of the group
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: SIGINT" in err and "Traceback" not in err, err[-3000:]
+    for _ in range(30):  # no engine process left behind
+        left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.strip()
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, left
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0 and "resumed" in done.stderr, done.stderr[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "r")] == list(range(1, 7))
