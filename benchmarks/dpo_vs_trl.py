@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_common import child_env, rotation, selected_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / ".cache" / "tiny-qwen3"
@@ -286,17 +287,10 @@ def main() -> None:
         a.steps, a.warmup, a.repeats = 4, 1, 1
     if not 1 <= a.warmup < a.steps:
         sys.exit("need 1 <= --warmup < --steps")
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        sys.exit(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    if any(MODES[m]["side"] == "trl" for m in modes) and not TRL_PY.exists():
-        sys.exit(f"{TRL_PY} not found: run `bash benchmarks/setup_trl_venv.sh` first")
+    modes = selected_modes(a.modes, MODES, TRL_PY)
     if not (MODEL / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "examples" / "build_tiny_model.py"), str(MODEL)], check=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    env = child_env(a.threads)
     import torch
     import transformers
 
@@ -318,8 +312,7 @@ def main() -> None:
         print(f"{len(pt)} pairs -> {data}; posttrain row budget {budget} tokens "
               f"(step totals {min(groups)}-{max(groups)}, mean {statistics.mean(groups):.0f})", flush=True)
         for rep in range(a.repeats):
-            order = modes[rep % len(modes):] + modes[:rep % len(modes)]
-            for name in order:
+            for name in rotation(modes, rep):
                 t0 = time.perf_counter()
                 run_dir = tmp / f"r{rep}"
                 run_dir.mkdir(exist_ok=True)

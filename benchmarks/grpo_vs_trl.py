@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import child_env, rotation, selected_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "data" / "demo_chat.jsonl"
@@ -292,18 +293,11 @@ def main() -> None:
         a.steps, a.warmup, a.repeats = 3, 1, 1
     if not 1 <= a.warmup < a.steps:
         sys.exit("need 1 <= --warmup < --steps")
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        sys.exit(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    if any(MODES[m]["side"] == "trl" for m in modes) and not TRL_PY.exists():
-        sys.exit(f"{TRL_PY} not found: run `bash benchmarks/setup_trl_venv.sh` first")
+    modes = selected_modes(a.modes, MODES, TRL_PY)
     model = MODELS.get(a.model, Path(a.model).resolve())
     if a.model in MODELS:
         build_model(a.model, model)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    env = child_env(a.threads)
     import torch
     import transformers
 
@@ -336,8 +330,7 @@ def main() -> None:
                 "prompt_tokens": f"{min(lens)}-{max(lens)}, mean {statistics.mean(lens):.1f}", "prompt_check": "not checked (TRL not run)"}
         print(f"{len(recs)} prompts -> {data}; model {model} ({params / 1e6:.2f}M params)", flush=True)
         for rep in range(a.repeats):
-            order = modes[rep % len(modes):] + modes[:rep % len(modes)]
-            for name in order:
+            for name in rotation(modes, rep):
                 t0 = time.perf_counter()
                 run_dir = tmp / f"r{rep}"
                 run_dir.mkdir(exist_ok=True)
