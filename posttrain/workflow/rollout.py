@@ -236,7 +236,8 @@ class RemoteEngine:
     def __init__(self, cfg: EngineConfig, model_dir: str | Path, *, dtype: torch.dtype, max_model_len: int, seed: int, scratch: Path):
         import ray
 
-        if not ray.is_initialized():  # an in-process trainer (one worker): a local Ray for the engine alone
+        self.own_ray = not ray.is_initialized()
+        if self.own_ray:  # an in-process trainer (one worker): a local Ray for the engine alone, shut down on close
             ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cpus) + 1), include_dashboard=False, log_to_driver=True)
         self.scratch = scratch
         self.actor = ray.remote(_EngineActor).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus).remote(
@@ -266,6 +267,8 @@ class RemoteEngine:
             ray.get(self.actor.close.remote())
         finally:
             ray.kill(self.actor)
+            if self.own_ray:
+                ray.shutdown()
 
 
 def start_engine(cfg: EngineConfig, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device,

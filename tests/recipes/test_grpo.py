@@ -70,8 +70,10 @@ def test_kill_and_resume_continues_exactly(tiny_qwen3, prompts, tmp_path):
     got = metrics(tmp_path / "killed")
     want = metrics(tmp_path / "ref")
     # after the resume the same prompts, the same samples (seeded per step) and the same updates
-    keys = ("loss", "grad_norm", "entropy", "reward/mean", "completion/length_mean")  # the GRPO loss itself is ~0 on-policy
+    keys = ("grad_norm", "entropy", "reward/mean", "completion/length_mean")
     assert [[s[k] for k in keys] for s in got] == [[s[k] for k in keys] for s in want]
+    # the on-policy GRPO loss is sum(A)/N ~ 0: float noise of 1e-9 whose sign depends on the summation order
+    assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], abs=1e-7)
     assert [s["loss"] for s in want] == ref["losses"]
 
 
