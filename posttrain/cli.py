@@ -1,4 +1,4 @@
-"""`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`,
+"""`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`, `posttrain preview JOB.yaml`,
 `posttrain verify MODEL_DIR`, `posttrain generate MODEL_DIR --prompt ...`, `posttrain chat MODEL_DIR`."""
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--export", metavar="DIR", help="keep the checked export in DIR (default: a temporary dir)")
     f.add_argument("--skip-export", action="store_true", help="do not check an export")
     f.add_argument("--allow-unverified", action="store_true", help="run on an architecture not in the family table")
+    pv = sub.add_parser("preview", help="show samples as the model sees them (trained tokens highlighted) and token "
+                        "statistics of the data, without loading the model's weights")
+    pv.add_argument("job", help="job YAML file")
+    pv.add_argument("overrides", nargs="*", help="key.path=value overrides, typed like the file")
+    pv.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    pv.add_argument("--records", type=int, default=2000, help="samples read for the statistics (default 2000)")
+    pv.add_argument("--plain", action="store_true", help="mark trained tokens with «...» even on a terminal")
     for name, help_ in (("generate", "complete one prompt with a model dir (through its chat template)"),
                         ("chat", "talk to a model dir: user turns from stdin, /reset, /exit or EOF")):
         g = sub.add_parser(name, help=help_)
@@ -138,6 +145,12 @@ def _main(argv: list[str] | None) -> int:
                 return 0
             system = [{"role": "system", "content": args.system}] if args.system else []
             print(gen.complete([*system, {"role": "user", "content": args.prompt}], **kw))
+            return 0
+        if args.cmd == "preview":
+            from .data.preview import preview
+
+            cfg = load_config(args.job, args.overrides)
+            preview(cfg, n=args.n, records=args.records, plain=args.plain)
             return 0
         if args.cmd == "verify":
             from .model.verify import verify_model
