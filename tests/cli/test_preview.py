@@ -4,13 +4,14 @@ import math
 import re
 
 import yaml
-from conftest import job_dict, write_jsonl
 
 from posttrain.cli import main
 from posttrain.config import load_config
 from posttrain.data import preview as preview_mod
 from posttrain.data.loader import DataLoader, load_samples
 from posttrain.data.tokenizer import load_tokenizer
+
+from conftest import job_dict, write_jsonl
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("Add 3 and 4.", "3 + 4 = 7."),
