@@ -6,6 +6,7 @@ Every error names the file (or the override) and the full key path, plus the YAM
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -186,7 +187,7 @@ class JobConfig(Strict):
         section, model = recipe_section(self.recipe)
         for key in extra:
             if key != section:
-                raise ValueError(_stray_section_msg(key, self.recipe))
+                raise ValueError(_stray_section_msg(key, self.recipe, [*type(self).model_fields, section]))
         if model is not None and not isinstance(extra.get(section), model):
             try:
                 extra[section] = model.model_validate(extra.get(section) or {})
@@ -253,10 +254,34 @@ def recipe_section(recipe: str) -> tuple[str, type[BaseModel] | None]:
     return getattr(module, "SECTION", default), getattr(module, "Config", None)
 
 
-def _stray_section_msg(key: str, recipe: str) -> str:
+def _stray_section_msg(key: str, recipe: str, candidates: list[str] | None = None) -> str:
     if key in RECIPES:
         return f"{key}: this is the section of recipe {key!r}, but the job's recipe is {recipe!r}; remove it or set recipe: {key}"
-    return f"{key}: unknown key (check the spelling; see `posttrain validate --schema`)"
+    return f"{key}: {unknown_key_msg(key, candidates if candidates is not None else list(JobConfig.model_fields))}"
+
+
+def unknown_key_msg(key: Any, candidates: list[str]) -> str:
+    """"unknown key", with the closest valid key when one is close enough (difflib)."""
+    close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"unknown key{hint} (check the spelling; see `posttrain validate --schema`)"
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models inside a field's type (`X`, `X | None`, `list[X]`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def keys_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section at `loc` (a key path from `root`; list indices skipped)."""
+    models = [root]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+    return sorted({k for m in models for k in m.model_fields})
 
 
 # ------------------------------------------------------------------------------------- import paths
@@ -468,13 +493,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
 
     msgs = []
 
-    def collect(e: ValidationError, prefix: tuple = ()) -> None:
+    def collect(e: ValidationError, prefix: tuple = (), root: type[BaseModel] = JobConfig) -> None:
         for err in e.errors():
             loc = prefix + tuple(err["loc"])
             msg = err["msg"]
             msg = msg[0].lower() + msg[1:] if msg else msg
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see `posttrain validate --schema`)"
+                msg = unknown_key_msg(err["loc"][-1], keys_at(root, tuple(err["loc"][:-1])))
             msgs.append(f"{where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
 
     # The recipe's own section is checked against its Config model, other top-level keys against
@@ -488,7 +513,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     known = set(JobConfig.model_fields)
     for key in raw:
         if key not in known and key != section:
-            msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'))}")
+            msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'), sorted(known | ({section} - {None})))}")
     if section in raw and model is None:
         msgs.append(f"{where((section,))}: {section}: recipe {raw['recipe']!r} takes no section of its own")
     pillars = {k: v for k, v in raw.items() if k in known}
@@ -496,7 +521,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         try:
             pillars[section] = model.model_validate(raw.get(section) or {})
         except ValidationError as e:
-            collect(e, (section,))
+            collect(e, (section,), model)
             # reported with file:line above; an unvalidated stand-in keeps JobConfig from repeating it
             pillars[section] = model.model_construct()
     try:
