@@ -87,3 +87,13 @@ def test_chat_ends_at_eof(tiny_qwen3, monkeypatch, capsys):
 def test_generate_missing_model_dir(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_chat_system_message_survives_reset(tiny_qwen3, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Add 3 and 4.\n/reset\nAdd 3 and 4.\n"))
+    assert main(["chat", str(tiny_qwen3), "--system", "Be terse.", "--max-new-tokens", "6"]) == 0
+    conv = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Add 3 and 4."}]
+    [want] = _greedy(tiny_qwen3, [conv], 6)
+    assert capsys.readouterr().out == f"assistant> {want}\n(conversation reset)\nassistant> {want}\n"
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    assert "Be terse." in tok.apply_chat_template(conv, tokenize=False)  # the template renders it

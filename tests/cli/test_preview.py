@@ -86,3 +86,24 @@ def test_preview_rich_on_a_terminal(tiny_qwen3, tmp_path, capsys, monkeypatch):
     preview_mod.preview(cfg, n=1, records=5)
     out = capsys.readouterr().out
     assert "«" not in out and QA[0][1] in out and "statistics over" in out
+
+
+def test_preview_dpo_pairs_show_chosen_then_rejected(tiny_qwen3, tmp_path):
+    from conftest import make_pairs
+
+    pairs = make_pairs(4)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    job = job_dict(tiny_qwen3, data, tmp_path / "run", recipe="dpo", data={"shuffle": False})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    lines = []
+    preview_mod.preview(load_config(tmp_path / "job.yaml"), n=1, records=10, out=lines.append)
+    sample = lines[1]  # the header, then the sample's documents
+    marked = re.findall(r"«(.*?)»", sample, flags=re.S)
+    assert marked == [f"{pairs[0]['chosen']}<|im_end|>", f"{pairs[0]['rejected']['content']}<|im_end|>"], sample
+    assert "statistics over one full pass" in "\n".join(lines)
+
+
+def test_preview_refuses_grpo_prompts(tiny_qwen3, tmp_path, capsys):
+    job = _job(tmp_path, tiny_qwen3)
+    assert main(["preview", str(job), "recipe=grpo", "grpo={rewards: [{fn: 'conftest:qa_to_messages'}]}"]) == 2
+    assert "preview: recipe grpo trains on its own completions" in capsys.readouterr().err
