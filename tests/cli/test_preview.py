@@ -86,6 +86,10 @@ def test_preview_rich_on_a_terminal(tiny_qwen3, tmp_path, capsys, monkeypatch):
     preview_mod.preview(cfg, n=1, records=5)
     out = capsys.readouterr().out
     assert "«" not in out and QA[0][1] in out and "statistics over" in out
+    # the trained text carries a style of its own (ANSI codes), the prompt another
+    styled = re.search(r"\x1b\[([0-9;]+)m" + re.escape(QA[0][1]), out)
+    prompt = re.search(r"\x1b\[([0-9;]+)m[^\x1b]*" + re.escape(QA[0][0]), out)
+    assert styled and prompt and styled.group(1) != prompt.group(1), repr(out[:400])
 
 
 def test_preview_dpo_pairs_show_chosen_then_rejected(tiny_qwen3, tmp_path):
