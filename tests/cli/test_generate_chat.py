@@ -71,10 +71,7 @@ def test_chat_keeps_history_resets_and_exits(tiny_qwen3, monkeypatch, capsys):
     [a2_fresh] = _greedy(tiny_qwen3, [[u2]], 10)
     assert out == f"assistant> {a1}\nassistant> {a2}\n(conversation reset)\nassistant> {a3}\n"
     assert "never read" not in out
-    if a2 == a2_fresh:  # the history must matter for the prompt, whatever the answers happen to be
-        tok = AutoTokenizer.from_pretrained(tiny_qwen3)
-        assert tok.apply_chat_template([u1, {"role": "assistant", "content": a1}, u2], tokenize=False) != \
-            tok.apply_chat_template([u2], tokenize=False)
+    assert a2 != a2_fresh, "with this tiny model the history changes the second answer (so the test can tell)"
 
 
 def test_chat_ends_at_eof(tiny_qwen3, monkeypatch, capsys):
