@@ -1,5 +1,5 @@
 # The two Quickstart commands. Each sets up .venv (scripts/setup_env.sh) and then runs.
-.PHONY: demo test setup clean distill-demo dpo-demo grpo-demo
+.PHONY: demo test setup clean distill-demo dpo-demo grpo-demo config-docs
 
 setup:
 	@bash scripts/setup_env.sh
@@ -11,6 +11,10 @@ demo: setup
 test: setup
 	.venv/bin/ruff check posttrain tests examples benchmarks scripts
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate the key reference of docs/config.md from the pydantic schema (tests fail when it is stale).
+config-docs: setup
+	.venv/bin/python scripts/gen_config_docs.py
 
 DISTILL_CACHE := examples/.cache/distill
 

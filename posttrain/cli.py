@@ -1,4 +1,5 @@
-"""`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`, `posttrain verify MODEL_DIR`."""
+"""`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`, `posttrain preview JOB.yaml`,
+`posttrain verify MODEL_DIR`, `posttrain generate MODEL_DIR --prompt ...`, `posttrain chat MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .compute import interrupt, replace
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
@@ -17,6 +19,7 @@ from .workflow.rewards import RewardError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training from a job file.")
+    p.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a job")
     r.add_argument("job", help="job YAML file")
@@ -41,6 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--export", metavar="DIR", help="keep the checked export in DIR (default: a temporary dir)")
     f.add_argument("--skip-export", action="store_true", help="do not check an export")
     f.add_argument("--allow-unverified", action="store_true", help="run on an architecture not in the family table")
+    pv = sub.add_parser("preview", help="show samples as the model sees them (trained tokens highlighted) and token "
+                        "statistics of the data, without loading the model's weights")
+    pv.add_argument("job", help="job YAML file")
+    pv.add_argument("overrides", nargs="*", help="key.path=value overrides, typed like the file")
+    pv.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    pv.add_argument("--records", type=int, default=2000, help="samples read for the statistics (default 2000)")
+    pv.add_argument("--plain", action="store_true", help="mark trained tokens with «...» even on a terminal")
+    for name, help_ in (("generate", "complete one prompt with a model dir (through its chat template)"),
+                        ("chat", "talk to a model dir: user turns from stdin, /reset, /exit or EOF")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("model_dir", help="an exported or any HF model directory (or hub id)")
+        if name == "generate":
+            g.add_argument("--prompt", required=True, help="the user message")
+        g.add_argument("--system", help="a system message first")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, mps")
+        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return p
 
 
@@ -109,6 +132,26 @@ def _main(argv: list[str] | None) -> int:
     from .workflow.engine import NothingTrained
 
     try:
+        if args.cmd in ("generate", "chat"):
+            import torch
+
+            from .model.generate import Generator, chat_loop
+
+            torch.manual_seed(args.seed)
+            gen = Generator(args.model_dir, device=args.device, dtype=args.dtype)
+            kw = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+            if args.cmd == "chat":
+                chat_loop(gen, system=args.system, **kw)
+                return 0
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            print(gen.complete([*system, {"role": "user", "content": args.prompt}], **kw))
+            return 0
+        if args.cmd == "preview":
+            from .data.preview import preview
+
+            cfg = load_config(args.job, args.overrides)
+            preview(cfg, n=args.n, records=args.records, plain=args.plain)
+            return 0
         if args.cmd == "verify":
             from .model.verify import verify_model
 

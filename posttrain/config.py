@@ -6,6 +6,7 @@ Every error names the file (or the override) and the full key path, plus the YAM
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,15 +32,18 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------- sections
 class LoraConfig(Strict):
-    rank: int = Field(16, ge=1)
-    alpha: float = 32.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: int = Field(16, ge=1, description="LoRA rank r")
+    alpha: float = Field(32.0, description="LoRA scaling numerator: updates are scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     # roles, mapped to each family's module names (posttrain/model/families.py); default
     # [attention, mlp] for a verified family, peft's "all-linear" for an unverified one.
-    target: list[Literal["attention", "mlp", "head"]] | None = None
+    target: list[Literal["attention", "mlp", "head"]] | None = Field(
+        None, description="roles `attention`, `mlp`, `head`, mapped to each family's module names (null: [attention, mlp]; "
+        "an unverified family: peft's `all-linear`)")
     experts: bool = Field(False, description="MoE: LoRA on the fused expert weights too (peft target_parameters)")
     # escape hatch, peft's own names: "all-linear" or a list of module names (exclusive with target).
-    target_modules: str | list[str] | None = None
+    target_modules: str | list[str] | None = Field(
+        None, description="escape hatch: peft's own module names or `all-linear`; exclusive with `target` and `experts`")
 
     @model_validator(mode="after")
     def _one_way_to_target(self):
@@ -56,25 +60,32 @@ class ModelConfig(Strict):
     chat_template: str | None = Field(
         None, description="a Jinja chat template, inline or as a file (.jinja/.txt, or a chat_template.json), that replaces or "
         "supplies the tokenizer's own; trained with and saved into the exported tokenizer")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub id")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code from its directory or the hub")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
     # auto: flash_attention_2 on CUDA when installed, else posttrain's per-document SDPA
-    attn_implementation: str = "auto"
-    gradient_checkpointing: bool = False
-    lora: LoraConfig | None = None
+    attn_implementation: str = Field(
+        "auto", description="auto: `posttrain_packed` (per-document SDPA) on CPU, `flash_attention_2` on CUDA when installed; "
+        "or any transformers backend (`sdpa`, `flex_attention`, ...); with packing, a backend that lets documents see each "
+        "other is refused")
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing: recompute activations in the backward")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (null: full fine-tuning)")
     # vocabulary: new tokens are appended; embeddings are resized to a multiple of this.
-    add_special_tokens: list[str] = []
-    add_tokens: list[str] = []
-    add_tokens_file: str | None = None
-    new_embedding_init: Literal["mean", "random"] = "mean"
-    pad_vocab_to_multiple_of: int = Field(64, ge=1)
+    add_special_tokens: list[str] = Field([], description="special tokens appended to the vocabulary (never split, skipped when decoding)")
+    add_tokens: list[str] = Field([], description="normal tokens appended to the vocabulary (matched whole, decoded as text)")
+    add_tokens_file: str | None = Field(None, description="a file of tokens to append, one per line")
+    new_embedding_init: Literal["mean", "random"] = Field(
+        "mean", description="new embedding rows: the mean of the existing ones (transformers' mean-resizing) or random")
+    pad_vocab_to_multiple_of: int = Field(64, ge=1, description="embedding rows rounded up to this multiple")
     # loss outside the model: output-head rows per chunk (null: auto, ~256 MiB of fp32 logits)
-    loss_chunk_tokens: int | None = Field(None, ge=1)
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="output-head rows per chunk of the loss (null: auto, ~256 MiB of fp32 logits: 2048 at a "
+        "32k vocabulary, 256 at 152k)")
     allow_unverified: bool = Field(False, description="train an architecture not in the verified family table")
     # MoE router load-balancing loss; null: as in the checkpoint's config.json
-    output_router_logits: bool | None = None
-    router_aux_loss_coef: float | None = Field(None, ge=0.0)
+    output_router_logits: bool | None = Field(None, description="MoE: router load-balancing loss on or off (null: as in the checkpoint's config.json)")
+    router_aux_loss_coef: float | None = Field(None, ge=0.0, description="MoE: weight of the router loss (null: as in the checkpoint's config.json)")
 
 
 RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
@@ -84,55 +95,59 @@ class DataSource(Strict):
     path: str = Field(description="a file, glob or folder, local or an fsspec URL (s3://...): JSON Lines (.jsonl/.ndjson/.json, "
                       ".gz/.zst/.bz2/.xz), JSON array (.json), text (.txt), Parquet, Arrow (.arrow), or a folder written by "
                       "datasets' save_to_disk; a folder means every supported file in it, sorted")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, description="relative sampling weight among the sources")
     format: RecordFormat | None = Field(None, description="this source's record format (null: data.format)")
     transform: str | None = Field(None, description="import path of fn(record) -> record | None for this source (null: data.transform)")
     sample_by: Literal["line", "document"] = Field("line", description=".txt files: one {text} record per line, or per file")
 
 
 class DataConfig(Strict):
-    sources: list[DataSource] = Field(min_length=1)
+    sources: list[DataSource] = Field(min_length=1, description="sources mixed by weight, deterministically from train.seed")
     storage_options: dict[str, Any] = Field({}, description="fsspec options, e.g. {endpoint_url: ...} for S3")
     format: RecordFormat = Field("auto", description="record format of every source without its own; auto picks per record: "
                                  "messages | conversations (sharegpt) | instruction (alpaca) | prompt+completion | text")
     transform: str | None = Field(None, description="import path ('pkg.mod:fn' or 'path/to/file.py:fn') of fn(record) -> record | None, "
                                   "applied to every source without its own")
-    max_seq_len: int = Field(2048, ge=8)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    on_bad_record: Literal["error", "skip"] = "error"
-    packing: bool = True
+    max_seq_len: int = Field(2048, ge=8, description="tokens per sample; longer ones follow data.overlong")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="a sample over max_seq_len: truncate (keep the start) or drop")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="a bad record: error (stop with file:line and reason) or skip (count per reason, e.g. invalid_json)")
+    packing: bool = Field(True, description="pack documents into rows of at most max_tokens_per_batch, or (false) pad to the longest sample")
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
     pack_to_multiple_of: int | None = Field(
         64, ge=1, description="a packed row ends at its real tokens rounded up to this, so a row the data cannot fill "
         "carries no long padding tail (null: every row is exactly max_tokens_per_batch, fixed shapes)")
     buffer_size: int = Field(256, ge=1, description="tokenized samples the packer chooses from")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead in the background")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="shuffle files and windows, reshuffled every epoch from the seed")
     shuffle_window: int = Field(1024, ge=1, description="records permuted together while streaming")
-    on_exhausted: Literal["restart", "drop"] = "restart"
+    on_exhausted: Literal["restart", "drop"] = Field(
+        "restart", description="an exhausted source restarts (up to max_epochs passes) or is dropped from the mixture")
     max_epochs: int | None = Field(None, ge=1, description="passes over each source; None: restart forever")
 
 
 class TrainConfig(Strict):
-    lr: float = Field(2e-5, gt=0)
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
     steps: int = Field(ge=1, description="optimizer steps (the data streams; see data.max_epochs)")
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    grad_accum: int = Field(1, ge=1)
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    seed: int = 0
-    log_every: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr over these steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup, down to min_lr_ratio x lr")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final learning rate as a fraction of lr")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on one worker")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping by global norm (null: no clipping)")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    seed: int = Field(0, description="random seed of the run: data order, mixer and torch RNG")
+    log_every: int = Field(1, ge=1, description="optimizer steps between metric lines")
 
 
 class ComputeConfig(Strict):
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    output_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda when available, else cpu")
+    output_dir: str = Field(
+        "runs/default", description="run directory; a run there with a checkpoint is resumed, one without is not replaced "
+        "without --overwrite")
     # SPMD: >1 launches that many Ray workers (one torch.distributed group, FSDP2-sharded model)
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1, gt=0)
+    workers: int = Field(1, ge=1, description="SPMD workers: >1 launches that many Ray workers (FSDP2-sharded model); 1: this process")
+    cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs per worker")
     gpus_per_worker: float = Field(0, ge=0, description="1 per worker on a GPU cluster")
     max_restarts: int = Field(2, ge=0, description="restarts from the newest checkpoint after a worker dies")
     worker_group: Literal["posttrain", "verl"] = Field(
@@ -141,21 +156,23 @@ class ComputeConfig(Strict):
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU (null: GPU table / measured CPU matmul)")
     tensorboard: bool = Field(False, description="also write TensorBoard events to <output_dir>/tensorboard")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
-    progress: bool = True
+    progress: bool = Field(True, description="a rich progress bar on the console")
     checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest K checkpoints (null: all)")
     checkpoint_on_interrupt: bool = Field(
         True, description="on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (every "
         "worker at the same step), so the run resumes from there; a second signal stops at once")
     # auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a path
-    resume: str = "auto"
+    resume: str = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a "
+        "checkpoint path (also --resume PATH)")
 
 
 class ExportConfig(Strict):
-    enabled: bool = True
-    merge_lora: bool = True
-    sample_prompts: list[str] = []
-    max_new_tokens: int = Field(32, ge=1)
+    enabled: bool = Field(True, description="write a plain HF model directory to <output_dir>/hf at the end")
+    merge_lora: bool = Field(True, description="merge LoRA adapters into the weights (false: the adapter only)")
+    sample_prompts: list[str] = Field([], description="prompts answered greedily by the exported checkpoint at the end")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per sample prompt")
 
 
 class JobConfig(Strict):
@@ -165,11 +182,11 @@ class JobConfig(Strict):
     # extra keys hold the recipe's section only; anything else is refused (see _recipe_section)
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     recipe: str = Field(description="sft | dpo | distill, or a custom recipe 'pkg.mod:run' / 'path/to/file.py:run'")
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    compute: ComputeConfig = ComputeConfig()
-    export: ExportConfig = ExportConfig()
+    model: ModelConfig = Field(description="the model to train and how to load it")
+    data: DataConfig = Field(description="where the data is and how it becomes packed token batches")
+    train: TrainConfig = Field(description="optimizer, schedule and steps")
+    compute: ComputeConfig = Field(ComputeConfig(), description="where and how the job runs, checkpoints and resumes")
+    export: ExportConfig = Field(ExportConfig(), description="the HF export at the end of the run")
 
     @field_validator("recipe")
     @classmethod
@@ -186,7 +203,7 @@ class JobConfig(Strict):
         section, model = recipe_section(self.recipe)
         for key in extra:
             if key != section:
-                raise ValueError(_stray_section_msg(key, self.recipe))
+                raise ValueError(_stray_section_msg(key, self.recipe, [*type(self).model_fields, section]))
         if model is not None and not isinstance(extra.get(section), model):
             try:
                 extra[section] = model.model_validate(extra.get(section) or {})
@@ -253,10 +270,34 @@ def recipe_section(recipe: str) -> tuple[str, type[BaseModel] | None]:
     return getattr(module, "SECTION", default), getattr(module, "Config", None)
 
 
-def _stray_section_msg(key: str, recipe: str) -> str:
+def _stray_section_msg(key: str, recipe: str, candidates: list[str] | None = None) -> str:
     if key in RECIPES:
         return f"{key}: this is the section of recipe {key!r}, but the job's recipe is {recipe!r}; remove it or set recipe: {key}"
-    return f"{key}: unknown key (check the spelling; see `posttrain validate --schema`)"
+    return f"{key}: {unknown_key_msg(key, candidates if candidates is not None else list(JobConfig.model_fields))}"
+
+
+def unknown_key_msg(key: Any, candidates: list[str]) -> str:
+    """"unknown key", with the closest valid key when one is close enough (difflib)."""
+    close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"unknown key{hint} (check the spelling; see `posttrain validate --schema`)"
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models inside a field's type (`X`, `X | None`, `list[X]`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def keys_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section at `loc` (a key path from `root`; list indices skipped)."""
+    models = [root]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+    return sorted({k for m in models for k in m.model_fields})
 
 
 # ------------------------------------------------------------------------------------- import paths
@@ -468,13 +509,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
 
     msgs = []
 
-    def collect(e: ValidationError, prefix: tuple = ()) -> None:
+    def collect(e: ValidationError, prefix: tuple = (), root: type[BaseModel] = JobConfig) -> None:
         for err in e.errors():
             loc = prefix + tuple(err["loc"])
             msg = err["msg"]
             msg = msg[0].lower() + msg[1:] if msg else msg
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see `posttrain validate --schema`)"
+                msg = unknown_key_msg(err["loc"][-1], keys_at(root, tuple(err["loc"][:-1])))
             msgs.append(f"{where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
 
     # The recipe's own section is checked against its Config model, other top-level keys against
@@ -488,7 +529,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     known = set(JobConfig.model_fields)
     for key in raw:
         if key not in known and key != section:
-            msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'))}")
+            msgs.append(f"{where((key,))}: {_stray_section_msg(key, raw.get('recipe'), sorted(known | ({section} - {None})))}")
     if section in raw and model is None:
         msgs.append(f"{where((section,))}: {section}: recipe {raw['recipe']!r} takes no section of its own")
     pillars = {k: v for k, v in raw.items() if k in known}
@@ -496,7 +537,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         try:
             pillars[section] = model.model_validate(raw.get(section) or {})
         except ValidationError as e:
-            collect(e, (section,))
+            collect(e, (section,), model)
             # reported with file:line above; an unvalidated stand-in keeps JobConfig from repeating it
             pillars[section] = model.model_construct()
     try:

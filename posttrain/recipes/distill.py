@@ -28,9 +28,10 @@ from ..workflow.engine import Engine
 
 class Config(Strict):
     teacher: str = Field(description="the teacher's model directory (or hub id); must share the student's tokenizer")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl (KL(teacher||student)), reverse_kl, or jsd (generalised Jensen-Shannon, see beta)")
     beta: float = Field(0.5, ge=0, le=1, description="jsd: mixture weight of the teacher (0: forward KL, 1: reverse KL)")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both teacher and student logits")
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label cross-entropy")
     top_k: int | None = Field(None, ge=1, description="divergence on the teacher's top-k ids only (renormalised)")
 

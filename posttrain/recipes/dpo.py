@@ -31,7 +31,8 @@ from ..workflow.engine import Engine
 
 class Config(Strict):
     beta: float = Field(0.1, gt=0, description="strength of the KL constraint to the reference (simpo: reward scale)")
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or simpo (reference-free)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid/simpo: assumed label noise (cDPO)")
     gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
     rpo_alpha: float | None = Field(None, ge=0, description="weight of an NLL term on the chosen tokens (RPO)")
