@@ -42,22 +42,23 @@ class Config(Strict):
     reward_on_error: Literal["error", "zero"] = Field("error", description="a reward function that raises or returns a non-number: stop, or score 0 and count")
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per step (all workers together)")
     group_size: int = Field(8, ge=2, description="completions per prompt (G)")
-    sampling: Sampling = Field(default_factory=Sampling)
-    rollout: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: Sampling = Field(default_factory=Sampling, description="how completions are sampled (temperature > 0)")
+    rollout: EngineConfig = Field(default_factory=EngineConfig, description="the rollout engine and where it runs")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage scale: group std, batch std, or none (Dr. GRPO)")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="token mean over the update, mean over sequences of their token mean, or of their token sum / max_new_tokens (Dr. GRPO)")
     ratio_level: Literal["token", "sequence"] = Field("token", description="sequence: GSPO's sequence-level ratio")
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.2, ge=0, description="DAPO clip-higher: e.g. 0.28")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="the ratio is clipped below at 1 - clip_low")
+    clip_high: float = Field(0.2, ge=0, description="the ratio is clipped above at 1 + clip_high (DAPO clip-higher: e.g. 0.28)")
     beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference model)")
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="k1: log pi - log pi_ref; k3: exp(d) - d - 1 with d = log pi_ref - log pi")
     reference: str = Field("auto", description="auto | adapters | copy | a model dir (auto: adapters with LoRA, else copy)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
     ppo_epochs: int = Field(1, ge=1, description="passes over each step's completions")
     minibatches: int = Field(1, ge=1, description="optimizer updates per pass")
     importance_correction: Literal["truncate", "mask"] | None = Field(
         "truncate", description="correct for the rollout engine / trainer log-prob mismatch: truncate (TIS) or mask (MIS) at importance_cap")
-    importance_cap: float = Field(2.0, gt=1)
+    importance_cap: float = Field(2.0, gt=1, description="the cap C of the rollout/trainer importance weight")
     mask_truncated: bool = Field(False, description="leave completions cut at max_new_tokens out of the loss (DAPO overlong filtering)")
     filter_zero_variance: bool = Field(False, description="leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling)")
 
