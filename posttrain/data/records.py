@@ -20,6 +20,25 @@ if TYPE_CHECKING:
     from ..config import DataConfig
 
 
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
+
+
+def no_chat_template(tokenizer, what: str):
+    """The configuration error for chat records and a tokenizer without a chat template (every such
+    record would fail the same way, so it is not a bad record to skip)."""
+    from ..config import ConfigError
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    return ConfigError(
+        f"model.path: the tokenizer of {name!r} has no chat template, but {what} holds conversations; set "
+        f"model.chat_template to a Jinja template (inline or a .jinja file), use a model whose tokenizer has one, "
+        f"or give the data as text / prompt+completion strings")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 class BadRecord(ValueError):
     def __init__(self, where: str, reason: str, detail: str):
         super().__init__(f"{where}: {detail}")
@@ -82,6 +101,8 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
         fmt, rec = normalize(rec, fmt)
     except FormatError as e:
         raise BadRecord(where, e.reason, e.detail) from None
+    if not has_chat_template(tokenizer) and (fmt == "messages" or (fmt == "prompt_completion" and isinstance(rec.get("prompt"), list))):
+        raise no_chat_template(tokenizer, f"record {where}")
     try:
         if fmt == "messages":
             if (err := _check_messages(rec.get("messages"))) is not None:

@@ -1,0 +1,117 @@
+"""Issue 13, bad input: never hang, never a traceback for a user's mistake. Each case names the file,
+record or key at fault, and says what to do."""
+
+import pytest
+
+from posttrain.config import ConfigError, DataConfig, DataSource, ModelConfig
+from posttrain.data.loader import SampleStream
+from posttrain.data.tokenizer import load_tokenizer
+
+from conftest import write_jsonl
+
+GOOD = {"messages": [{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "1 + 2 = 3."}]}
+
+
+@pytest.fixture
+def tok(tiny_qwen3):
+    return load_tokenizer(ModelConfig(path=str(tiny_qwen3)))
+
+
+def cfg(*paths, **kw):
+    return DataConfig(sources=[DataSource(path=str(p)) for p in paths], **{"shuffle": False, **kw})
+
+
+def drain(stream: SampleStream, limit: int = 2000) -> list:
+    """Samples of the stream; a stream that reads `limit` records without ending or giving a sample
+    is hung (today's restart-forever loop), which fails the test instead of hanging it."""
+    calls, out, inner = [0], [], stream.mixer.next
+
+    def counted():
+        calls[0] += 1
+        if calls[0] > limit and not out:
+            raise AssertionError(f"hung: {limit} records read, no sample")
+        return inner()
+
+    stream.mixer.next = counted
+    while (s := stream.next()) is not None:
+        out.append(s)
+        if len(out) >= 50:
+            break
+    return out
+
+
+def _filter_all(rec):
+    return None
+
+
+DEAD = {
+    "malformed": (['{"messages": [oops', "not json", '{"a":'], {}, "invalid_json=3"),
+    "binary": ([b"\x00\xff\xfe\x01garbage".decode("latin-1")] * 2, {}, "invalid_json=2"),
+    "no_assistant": ([{"messages": [{"role": "user", "content": "hi"}]}] * 3, {}, "empty_mask=3"),
+    "filtered": ([GOOD] * 2, {"transform": f"{__name__}:_filter_all"}, "filtered=2"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEAD))
+def test_source_with_no_usable_record_stops_instead_of_restarting_forever(tmp_path, tok, case):
+    records, kw, counts = DEAD[case]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    stream = SampleStream(cfg(path, on_bad_record="skip", **kw), tok, seed=0)
+    with pytest.raises(ConfigError) as e:
+        drain(stream)
+    msg = str(e.value)
+    assert "data.sources[0]" in msg and str(path) in msg and "no usable record" in msg, msg
+    assert counts in msg, msg
+
+
+def test_dead_source_among_good_ones_is_named(tmp_path, tok):
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 4)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["nope"] * 3)
+    stream = SampleStream(cfg(good, bad, on_bad_record="skip"), tok, seed=0)
+    with pytest.raises(ConfigError, match=r"data.sources\[1\] .*bad.jsonl.*invalid_json=3"):
+        for _ in range(100):
+            stream.next()
+
+
+def test_source_with_usable_records_restarts_as_before(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", ["nope", GOOD, "nope"])
+    stream = SampleStream(cfg(path, on_bad_record="skip"), tok, seed=0)
+    assert len(drain(stream)) == 50  # many epochs, one sample each
+
+
+def test_dead_pass_check_survives_state_round_trip(tmp_path, tok):
+    """Resumed mid-pass after the pass's only good record: the pass is not judged as empty."""
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "nope", "nope"])
+    a = SampleStream(cfg(path, on_bad_record="skip"), tok, seed=0)
+    a.next()
+    b = SampleStream(cfg(path, on_bad_record="skip"), tok, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert len(drain(b)) == 50
+
+
+def _no_template(tok):
+    tok.chat_template = None
+    return tok
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_no_chat_template_on_conversations_is_a_config_error_at_first_record(tmp_path, tok, policy):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    stream = SampleStream(cfg(path, on_bad_record=policy), _no_template(tok), seed=0)
+    with pytest.raises(ConfigError) as e:
+        drain(stream)
+    msg = str(e.value)
+    assert "model.path" in msg and "model.chat_template" in msg and f"{path}:1" in msg, msg
+    assert stream.stats.seen == 1
+
+
+def test_no_chat_template_with_a_chat_format_is_refused_before_reading(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].*data.format: sharegpt.*model.chat_template"):
+        SampleStream(cfg(path, format="sharegpt"), _no_template(tok), seed=0)
+
+
+def test_no_chat_template_is_fine_for_text(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain text here"}])
+    stream = SampleStream(cfg(path, max_epochs=1), _no_template(tok), seed=0)
+    assert len(drain(stream)) == 1
