@@ -21,7 +21,7 @@ from ..config import ConfigError, DataConfig, resolve_import_path
 from .mixer import Mixer
 from .packing import make_batch
 from .records import CHAT_FORMATS, BadRecord, RecordStats, Sample, encode_sft_record, has_chat_template, no_chat_template
-from .sources import Source, parse_record
+from .sources import CorruptRecord, Source, parse_record
 
 # encode(tokenizer, record, "file:line", data config, record stats) -> Sample, or raise BadRecord.
 # It runs after parsing and the source's transform and applies the length policy itself (the stats count
@@ -111,6 +111,8 @@ class SampleStream:
     def _encode(self, idx: int, where: str, raw: Any) -> Sample | None:
         try:
             rec = parse_record(raw)
+        except CorruptRecord as e:
+            raise BadRecord(where, "corrupt_file", f"{e}; the rest of the file is not read") from None
         except UnicodeDecodeError as e:
             raise BadRecord(where, "not_utf8", f"not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start})") from None
         except ValueError as e:

@@ -1,10 +1,13 @@
 """Issue 13, bad input: never hang, never a traceback for a user's mistake. Each case names the file,
 record or key at fault, and says what to do."""
 
+import json
+
 import pytest
 
 from posttrain.config import ConfigError, DataConfig, DataSource, ModelConfig
-from posttrain.data.loader import SampleStream
+from posttrain.data.loader import SampleStream, load_samples
+from posttrain.data.records import BadRecord
 from posttrain.data.tokenizer import load_tokenizer
 
 from conftest import write_jsonl
@@ -115,3 +118,70 @@ def test_no_chat_template_is_fine_for_text(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain text here"}])
     stream = SampleStream(cfg(path, max_epochs=1), _no_template(tok), seed=0)
     assert len(drain(stream)) == 1
+
+
+# ------------------------------------------------------------------------ corrupt compressed files
+def _compress(kind: str, data: bytes) -> bytes:
+    if kind == "gz":
+        import gzip
+
+        return gzip.compress(data)
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _broken(kind: str, how: str, n: int = 400) -> bytes:
+    lines = b"".join(json.dumps({"text": f"line number {i} " + "x" * 50}).encode() + b"\n" for i in range(n))
+    blob = _compress(kind, lines)
+    if how == "truncated":
+        return blob[: len(blob) * 2 // 3]
+    bad = bytearray(blob)
+    mid = len(bad) // 2
+    bad[mid: mid + 64] = bytes(64)
+    return bytes(bad)
+
+
+BROKEN = [(k, h) for k in ("gz", "zst") for h in ("truncated", "corrupt")]
+
+
+@pytest.fixture
+def no_retry(monkeypatch):
+    """A corrupt file is not a network error: retrying it (with_retries' backoff) fails the test."""
+    import posttrain.data.sources as sources
+
+    def sleep(s):
+        raise AssertionError("a corrupt file was retried as if it were a network error")
+
+    monkeypatch.setattr(sources.time, "sleep", sleep)
+
+
+@pytest.mark.parametrize("kind,how", BROKEN)
+def test_broken_compressed_file_is_a_bad_record_naming_file_and_line(tmp_path, tok, no_retry, kind, how):
+    path = tmp_path / f"d.jsonl.{kind}"
+    path.write_bytes(_broken(kind, how))
+    with pytest.raises(BadRecord) as e:
+        load_samples(cfg(path), tok)
+    msg = str(e.value)
+    assert e.value.reason == "corrupt_file" and msg.startswith(f"{path}:"), msg
+    assert "truncated or corrupt" in msg and "compressed byte" in msg and "on_bad_record" in msg, msg
+    line = int(e.value.where.rsplit(":", 1)[1])
+    assert f"at line {line}" in msg and 1 <= line <= 400
+
+
+@pytest.mark.parametrize("kind,how", BROKEN)
+def test_broken_compressed_file_is_skipped_and_the_next_file_read(tmp_path, tok, no_retry, kind, how):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / f"a.jsonl.{kind}").write_bytes(_broken(kind, how))
+    write_jsonl(tmp_path / "src" / "b.jsonl", [{"text": "the good file"}] * 3)
+    samples, stats = load_samples(cfg(tmp_path / "src", on_bad_record="skip"), tok)
+    assert stats.skipped["corrupt_file"] == 1, stats.summary()
+    assert stats.kept == len(samples) and len(samples) >= 3 and stats.seen == stats.kept + 1
+    assert len(samples) < 403  # the broken file's records after the break are not read
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_intact_compressed_files_read_in_full_across_windows(tmp_path, tok, kind):
+    path = tmp_path / f"d.jsonl.{kind}"
+    path.write_bytes(_compress(kind, b"".join(json.dumps({"text": f"t {i}"}).encode() + b"\n" for i in range(300))))
+    samples, stats = load_samples(cfg(path, shuffle_window=64), tok)
+    assert len(samples) == 300 and not stats.skipped
