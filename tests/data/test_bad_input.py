@@ -10,7 +10,7 @@ from posttrain.data.loader import SampleStream, load_samples
 from posttrain.data.records import BadRecord
 from posttrain.data.tokenizer import load_tokenizer
 
-from conftest import write_jsonl
+from conftest import job_dict, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "1 + 2 = 3."}]}
 
@@ -185,3 +185,34 @@ def test_intact_compressed_files_read_in_full_across_windows(tmp_path, tok, kind
     path.write_bytes(_compress(kind, b"".join(json.dumps({"text": f"t {i}"}).encode() + b"\n" for i in range(300))))
     samples, stats = load_samples(cfg(path, shuffle_window=64), tok)
     assert len(samples) == 300 and not stats.skipped
+
+
+# ---------------------------------------------------------------------------- corrupt model weights
+CORRUPT_WEIGHTS = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "zeroed": lambda b: bytes(len(b)),
+    "bad_header": lambda b: b[:8] + b"{not json" + b[17:],
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPT_WEIGHTS))
+def test_corrupt_safetensors_is_one_line_naming_the_file(tiny_qwen3, tmp_path, capsys, how):
+    import shutil
+
+    import yaml
+
+    from posttrain.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen3, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(CORRUPT_WEIGHTS[how](weights.read_bytes()))
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict(model, data, tmp_path / "run")))
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert f"model.path: the weights file {weights} is corrupt or truncated" in " ".join(err.split()), err
+    assert line.startswith("error: model.path:") and "again" in err
