@@ -216,3 +216,35 @@ def test_corrupt_safetensors_is_one_line_naming_the_file(tiny_qwen3, tmp_path, c
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
     assert f"model.path: the weights file {weights} is corrupt or truncated" in " ".join(err.split()), err
     assert line.startswith("error: model.path:") and "again" in err
+
+
+# ------------------------------------------------------------------------- resume with other sources
+def _write_job(tmp_path, model, sources, **sections):
+    import yaml
+
+    job = job_dict(model, sources[0], tmp_path / "run", **sections)
+    job["data"]["sources"] = [{"path": str(p)} for p in sources]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.mark.parametrize("change", ["path", "added", "weight"])
+def test_resume_after_data_sources_changed_says_what_changed(tiny_qwen3, tmp_path, capsys, change):
+    from posttrain.cli import main
+
+    a = write_jsonl(tmp_path / "a.jsonl", [GOOD] * 8)
+    b = write_jsonl(tmp_path / "b.jsonl", [GOOD] * 8)
+    kw = {"train": {"steps": 1}, "compute": {"checkpoint_every": 1}, "export": {"enabled": False}}
+    assert main(["run", str(_write_job(tmp_path, tiny_qwen3, [a], **kw))]) == 0
+    capsys.readouterr()
+    kw["train"] = {"steps": 2}
+    job = _write_job(tmp_path, tiny_qwen3, {"path": [b], "added": [a, b], "weight": [a]}[change], **kw)
+    if change == "weight":
+        text = job.read_text().replace(f"path: {a}", f"path: {a}\n    weight: 2.0")
+        job.write_text(text)
+    assert main(["run", str(job)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and "error: data.sources changed since checkpoint" in err, err
+    expected = {"path": f"[0].path: '{a}' -> '{b}'", "added": f"[1] added ('{b}')", "weight": "[0].weight: 1.0 -> 2.0"}
+    assert expected[change] in err and "--overwrite" in err and f"old sources ('{a}')" in err, err
