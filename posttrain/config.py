@@ -100,6 +100,11 @@ class DataConfig(Strict):
     max_seq_len: int = Field(2048, ge=8)
     overlong: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
+    unknown_roles: Literal["error", "map", "drop", "keep"] = Field(
+        "error", description="a chat message whose role is not system, user, assistant or tool: error (a bad record "
+        "naming file:line and the role), map (ShareGPT names: human -> user, gpt/model -> assistant, observation/"
+        "function/ipython -> tool, developer -> system; others stay errors), drop (leave such messages out) or keep "
+        "(pass it to the chat template as it is, never trained)")
     packing: bool = True
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
     pack_to_multiple_of: int | None = Field(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
-from .formats import FormatError, normalize
+from .formats import SHAREGPT_ROLES, FormatError, normalize
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -95,7 +95,32 @@ def _check_messages(msgs) -> str | None:
     return None
 
 
-def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {**SHAREGPT_ROLES, "developer": "system"}
+
+
+def apply_role_policy(messages: list, where: str, policy: str, key: str = "messages") -> list:
+    """`data.unknown_roles` on a checked message list: roles other than system/user/assistant/tool
+    are an error (BadRecord `unknown_role`), mapped by their ShareGPT name, dropped, or kept."""
+    if policy == "keep" or all(m["role"] in ROLES for m in messages):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role in ROLES:
+            out.append(m)
+        elif policy == "drop":
+            continue
+        elif policy == "map" and role.lower() in ROLE_ALIASES:
+            out.append({**m, "role": ROLE_ALIASES[role.lower()]})
+        else:
+            hint = ("it has no known mapping; fix the record, or set data.unknown_roles: drop or keep" if policy == "map" else
+                    "set data.unknown_roles: map (human -> user, gpt -> assistant, ...), drop or keep, or fix the record")
+            raise BadRecord(where, "unknown_role", f"{key}[{i}].role {role!r} is not one of {', '.join(ROLES)}; {hint}")
+    return out
+
+
+def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error") -> Sample:
     """One record -> Sample, or raise BadRecord naming the reason."""
     try:
         fmt, rec = normalize(rec, fmt)
@@ -107,13 +132,20 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
         if fmt == "messages":
             if (err := _check_messages(rec.get("messages"))) is not None:
                 raise BadRecord(where, "wrong_type" if "messages" in rec else "missing_field", err)
-            enc = encode_messages(tokenizer, rec["messages"], tools=rec.get("tools"))
+            messages = apply_role_policy(rec["messages"], where, unknown_roles)
+            enc = encode_messages(tokenizer, messages, tools=rec.get("tools"))
         elif fmt == "prompt_completion":
             p, c = rec.get("prompt"), rec.get("completion")
             if p is None or c is None:
                 raise BadRecord(where, "missing_field", "prompt/completion record needs both 'prompt' and 'completion'")
             if isinstance(p, str) != isinstance(c, str) or not isinstance(p, (str, list)):
                 raise BadRecord(where, "wrong_type", "'prompt' and 'completion' must both be strings or both lists of messages")
+            if isinstance(p, list):
+                for key, msgs in (("prompt", p), ("completion", c)):
+                    if msgs and (err := _check_messages(msgs)) is not None:
+                        raise BadRecord(where, "wrong_type", err.replace("'messages'", f"'{key}'").replace("messages[", f"{key}["))
+                p = apply_role_policy(p, where, unknown_roles, "prompt")
+                c = apply_role_policy(c, where, unknown_roles, "completion")
             enc = encode_prompt_completion(tokenizer, p, c)
         else:
             if not isinstance(rec.get("text"), str):
@@ -142,5 +174,5 @@ def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Samp
 def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample:
     """The loader's default `encode`: one SFT record -> one single-document Sample of at most
     min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest)."""
-    sample = encode_record(tokenizer, rec, where, cfg.format)
+    sample = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles)
     return fit_length(sample, min(cfg.max_seq_len, cfg.max_tokens_per_batch), cfg.overlong, stats)

@@ -248,3 +248,46 @@ def test_resume_after_data_sources_changed_says_what_changed(tiny_qwen3, tmp_pat
     assert "Traceback" not in err and "error: data.sources changed since checkpoint" in err, err
     expected = {"path": f"[0].path: '{a}' -> '{b}'", "added": f"[1] added ('{b}')", "weight": "[0].weight: 1.0 -> 2.0"}
     assert expected[change] in err and "--overwrite" in err and f"old sources ('{a}')" in err, err
+
+
+# ------------------------------------------------------------------------------------ unknown roles
+def _chat(*roles):
+    return {"messages": [{"role": r, "content": f"turn {i} as {r}"} for i, r in enumerate(roles)]}
+
+
+def test_unknown_role_is_an_error_naming_file_line_and_role(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, _chat("human", "assistant")])
+    with pytest.raises(BadRecord) as e:
+        load_samples(cfg(path), tok)
+    msg = str(e.value)
+    assert e.value.reason == "unknown_role" and msg.startswith(f"{path}:2: messages[0].role 'human'"), msg
+    assert "data.unknown_roles" in msg
+
+
+def test_unknown_role_in_prompt_completion_lists_is_named(tmp_path, tok):
+    rec = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "gpt", "content": "a"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [rec])
+    with pytest.raises(BadRecord, match=r":1: completion\[0\].role 'gpt'"):
+        load_samples(cfg(path), tok)
+
+
+@pytest.mark.parametrize("policy", ["error", "map", "drop", "keep"])
+def test_unknown_roles_policies(tmp_path, tok, policy):
+    aliased = _chat("developer", "human", "gpt")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, aliased, _chat("user", "narrator", "assistant")])
+    samples, stats = load_samples(cfg(path, on_bad_record="skip", unknown_roles=policy), tok)
+    by_line = {s.where.rsplit(":", 1)[1]: s for s in samples}
+    if policy == "error":
+        assert list(by_line) == ["1"] and dict(stats.skipped) == {"unknown_role": 2}
+    elif policy == "map":  # line 2 renders exactly as the same chat with the documented roles; 'narrator' has no mapping
+        known = {"messages": [{**m, "role": r} for m, r in zip(aliased["messages"], ["system", "user", "assistant"])]}
+        expect = load_samples(cfg(write_jsonl(tmp_path / "m.jsonl", [known])), tok)[0][0]
+        assert list(by_line) == ["1", "2"] and by_line["2"].input_ids == expect.input_ids
+        assert dict(stats.skipped) == {"unknown_role": 1}
+    elif policy == "drop":  # line 2 loses every turn (nothing to train on); line 3 loses 'narrator'
+        assert list(by_line) == ["1", "3"] and dict(stats.skipped) == {"empty_mask": 1}
+        text = tok.decode(by_line["3"].input_ids)
+        assert "narrator" not in text and "turn 0 as user" in text and "turn 2 as assistant" in text
+    else:  # kept as they are, never trained: line 2 has no assistant turn
+        assert list(by_line) == ["1", "3"] and dict(stats.skipped) == {"empty_mask": 1}
+        assert "turn 1 as narrator" in tok.decode(by_line["3"].input_ids)
