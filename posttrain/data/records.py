@@ -72,13 +72,38 @@ class RecordStats:
     kept: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
+    capped: int = 0  # records so long that only a prefix of their text was tokenized (see cap_text)
 
     def copy(self) -> "RecordStats":
-        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped))
+        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped), self.capped)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated; skipped: {skipped}"
+        capped = f" ({self.capped} so long that only their first characters were tokenized)" if self.capped else ""
+        return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated{capped}; skipped: {skipped}"
+
+
+CAP_MARGIN = 64  # tokens tokenized past the limit, so the cut cannot change the tokens kept
+CAP_CHARS_PER_TOKEN = 8  # first guess; quadrupled until the prefix gives enough tokens
+
+
+def cap_text(tokenizer, text: str, max_tokens: int | None, *, add_special_tokens: bool) -> tuple[str, bool]:
+    """(a prefix of `text` enough for its first `max_tokens` tokens, whether it was cut).
+
+    A 5 MB record of which only max_seq_len tokens are kept is not tokenized in full: the prefix is
+    grown (8, 32, 128, ... characters per token) until it gives at least max_tokens + CAP_MARGIN
+    tokens, so the cut lies CAP_MARGIN tokens past the last token kept and cannot change it (a
+    tokenizer's merges across a cut reach back a few tokens, not 64). Text shorter than the guess is
+    returned whole, untouched."""
+    if max_tokens is None:
+        return text, False
+    need = max_tokens + CAP_MARGIN
+    chars = need * CAP_CHARS_PER_TOKEN
+    while chars < len(text):
+        if len(tokenizer(text[:chars], add_special_tokens=add_special_tokens)["input_ids"]) >= need:
+            return text[:chars], True
+        chars *= 4
+    return text, False
 
 
 def _check_messages(msgs) -> str | None:
@@ -120,8 +145,11 @@ def apply_role_policy(messages: list, where: str, policy: str, key: str = "messa
     return out
 
 
-def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error") -> Sample:
-    """One record -> Sample, or raise BadRecord naming the reason."""
+def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error", *,
+                  max_tokens: int | None = None, stats: RecordStats | None = None) -> Sample:
+    """One record -> Sample, or raise BadRecord naming the reason. With `max_tokens`, only what the
+    first max_tokens tokens need of a long text / prompt / completion string is tokenized (counted
+    in `stats.capped`); the tokens kept are the same."""
     try:
         fmt, rec = normalize(rec, fmt)
     except FormatError as e:
@@ -146,11 +174,19 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                         raise BadRecord(where, "wrong_type", err.replace("'messages'", f"'{key}'").replace("messages[", f"{key}["))
                 p = apply_role_policy(p, where, unknown_roles, "prompt")
                 c = apply_role_policy(c, where, unknown_roles, "completion")
+            if isinstance(p, str):
+                p, cut_p = cap_text(tokenizer, p, max_tokens, add_special_tokens=True)
+                c, cut_c = cap_text(tokenizer, c, max_tokens, add_special_tokens=False)
+                if (cut_p or cut_c) and stats is not None:
+                    stats.capped += 1
             enc = encode_prompt_completion(tokenizer, p, c)
         else:
             if not isinstance(rec.get("text"), str):
                 raise BadRecord(where, "wrong_type" if "text" in rec else "missing_field", "'text' must be a string")
-            enc = encode_text(tokenizer, rec["text"])
+            text, cut = cap_text(tokenizer, rec["text"], max_tokens, add_special_tokens=True)
+            if cut and stats is not None:
+                stats.capped += 1
+            enc = encode_text(tokenizer, text)
     except EmptyMaskError as e:
         raise BadRecord(where, "empty_mask", f"nothing to train on: {e}") from e
     except ChatTemplateError as e:
@@ -174,5 +210,9 @@ def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Samp
 def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample:
     """The loader's default `encode`: one SFT record -> one single-document Sample of at most
     min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest)."""
-    sample = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles)
-    return fit_length(sample, min(cfg.max_seq_len, cfg.max_tokens_per_batch), cfg.overlong, stats)
+    max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
+    capped = stats.capped
+    sample = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats)
+    if stats.capped > capped and cfg.overlong == "drop":  # its full length was never counted
+        raise BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
+    return fit_length(sample, max_len, cfg.overlong, stats)

@@ -291,3 +291,63 @@ def test_unknown_roles_policies(tmp_path, tok, policy):
     else:  # kept as they are, never trained: line 2 has no assistant turn
         assert list(by_line) == ["1", "3"] and dict(stats.skipped) == {"empty_mask": 1}
         assert "turn 1 as narrator" in tok.decode(by_line["3"].input_ids)
+
+
+# ---------------------------------------------------------------------------------- huge records
+def _prose(n_words: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "model", "answer", "is", "42", "café", "naïve", "東京", "😀", "\n", "  ", "x=1;", "", "don't", "(a+b)"]
+    return " ".join(rng.choice(words) + rng.choice(["", ",", ".", "!"]) for _ in range(n_words))
+
+
+@pytest.fixture
+def tokenized_chars(monkeypatch, tok):
+    """Characters the tokenizer was called on, in total."""
+    seen = [0]
+    cls = type(tok)
+    call = cls.__call__
+
+    def spy(self, text=None, *a, **kw):
+        if isinstance(text, str):
+            seen[0] += len(text)
+        return call(self, text, *a, **kw)
+
+    monkeypatch.setattr(cls, "__call__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("field", ["text", "prompt", "completion"])
+def test_a_huge_record_is_tokenized_only_as_far_as_max_seq_len_needs(tmp_path, tok, tokenized_chars, field):
+    huge = _prose(80_000)  # ~400 KB of text, of which 128 tokens are kept
+    rec = {"text": huge} if field == "text" else {"prompt": "Q?", "completion": huge} if field == "completion" else \
+        {"prompt": huge, "completion": "A."}
+    path = write_jsonl(tmp_path / "d.jsonl", [rec, {"text": "short"}])
+    samples, stats = load_samples(cfg(path, max_seq_len=128, max_tokens_per_batch=512, on_bad_record="skip"), tok)
+    assert tokenized_chars[0] < 20_000, tokenized_chars[0]
+    assert stats.capped == 1 and "(1 so long that only their first characters were tokenized)" in stats.summary()
+    if field == "prompt":  # the prompt fills max_seq_len: nothing to train on, as with full tokenization
+        assert len(samples) == 1 and dict(stats.skipped) == {"empty_mask": 1}
+        return
+    full = tok(huge)["input_ids"] if field == "text" else tok("Q?")["input_ids"] + tok(huge, add_special_tokens=False)["input_ids"]
+    assert list(samples[0].input_ids) == full[:128] and stats.truncated == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_capped_tokenization_keeps_exactly_the_tokens_of_full_tokenization(tok, seed):
+    """Normal records around and past the cap: the kept tokens equal full tokenization's."""
+    from posttrain.data.records import cap_text
+
+    max_tokens = 32
+    for n_words in (5, 40, 120, 400, 3000):
+        text = _prose(n_words, seed)
+        cut, capped = cap_text(tok, text, max_tokens, add_special_tokens=True)
+        assert text.startswith(cut) and (capped or cut == text)
+        assert tok(cut)["input_ids"][:max_tokens] == tok(text)["input_ids"][:max_tokens], (seed, n_words)
+
+
+def test_capped_record_under_overlong_drop_is_dropped(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": _prose(100_000)}, {"text": "short"}])
+    samples, stats = load_samples(cfg(path, max_seq_len=64, overlong="drop", on_bad_record="skip"), tok)
+    assert len(samples) == 1 and stats.skipped["overlong"] == 1 and stats.capped == 1
