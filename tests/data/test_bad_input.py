@@ -351,3 +351,25 @@ def test_capped_record_under_overlong_drop_is_dropped(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": _prose(100_000)}, {"text": "short"}])
     samples, stats = load_samples(cfg(path, max_seq_len=64, overlong="drop", on_bad_record="skip"), tok)
     assert len(samples) == 1 and stats.skipped["overlong"] == 1 and stats.capped == 1
+
+
+def test_dead_source_on_the_cli_is_one_line_not_a_hang(tiny_qwen3, tmp_path, capsys, monkeypatch):
+    """The error is raised in the loader's background thread; the CLI prints it as one line. (A
+    mixer that reads 2000 records without a sample fails the test instead of hanging it.)"""
+    from posttrain.cli import main
+    from posttrain.data.mixer import Mixer
+
+    calls, inner = [0], Mixer.next
+
+    def counted(self):
+        calls[0] += 1
+        if calls[0] > 2000:
+            raise AssertionError("hung: 2000 records read, no sample")
+        return inner(self)
+
+    monkeypatch.setattr(Mixer, "next", counted)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"] * 5)
+    job = _write_job(tmp_path, tiny_qwen3, [bad], data={"on_bad_record": "skip"})
+    assert main(["run", str(job)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and f"error: data.sources[0] '{bad}': a whole pass" in err and "invalid_json=5" in err, err
