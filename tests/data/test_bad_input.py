@@ -373,3 +373,19 @@ def test_dead_source_on_the_cli_is_one_line_not_a_hang(tiny_qwen3, tmp_path, cap
     assert main(["run", str(job)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "Traceback" not in err and f"error: data.sources[0] '{bad}': a whole pass" in err and "invalid_json=5" in err, err
+
+
+@pytest.mark.parametrize("policy", ["error", "map"])
+def test_unknown_role_in_a_preference_pair(tmp_path, tok, policy):
+    from posttrain.data.pairs import encode_pair_record
+
+    rec = {"prompt": [{"role": "human", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
+    path = write_jsonl(tmp_path / "d.jsonl", [rec])
+    if policy == "error":
+        with pytest.raises(BadRecord, match=r"d.jsonl:1: prompt\[0\].role 'human' is not one of"):
+            load_samples(cfg(path), tok, encode=encode_pair_record)
+        return
+    (got,), _ = load_samples(cfg(path, unknown_roles="map"), tok, encode=encode_pair_record)
+    known = write_jsonl(tmp_path / "k.jsonl", [{**rec, "prompt": [{"role": "user", "content": "2+2?"}]}])
+    (want,), _ = load_samples(cfg(known), tok, encode=encode_pair_record)
+    assert got.input_ids == want.input_ids and got.labels == want.labels
