@@ -114,7 +114,7 @@ class Decompressed(io.RawIOBase):
                 at = f" near compressed byte {self.raw.tell()}"
             except (OSError, ValueError, AttributeError):
                 at = ""
-            kind = "gzip" if isinstance(self.inner, io.IOBase) and not isinstance(self.inner, _Zstd) else "zstd"
+            kind = "zstd" if isinstance(self.inner, _Zstd) else "gzip"
             raise CorruptFile(self.url, f"the {kind} file is truncated or corrupt{at} ({type(e).__name__}: {e})") from None
 
     def close(self) -> None:
@@ -220,6 +220,8 @@ class JsonArrayReader:
             with self.open() as f:
                 try:
                     self.records = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+                except CorruptFile:
+                    raise
                 except (ValueError, UnicodeDecodeError) as e:
                     pos = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
                     raise ConfigError(f"data.sources: {self.url}: not a valid JSON array file ({getattr(e, 'msg', e)}{pos})") from None

@@ -389,3 +389,14 @@ def test_unknown_role_in_a_preference_pair(tmp_path, tok, policy):
     known = write_jsonl(tmp_path / "k.jsonl", [{**rec, "prompt": [{"role": "user", "content": "2+2?"}]}])
     (want,), _ = load_samples(cfg(known), tok, encode=encode_pair_record)
     assert got.input_ids == want.input_ids and got.labels == want.labels
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_broken_compressed_json_array_names_the_file(tmp_path, tok, no_retry, kind):
+    path = tmp_path / f"d.json.{kind}"
+    blob = _compress(kind, json.dumps([{"text": f"record {i} " + "y" * 40} for i in range(400)]).encode())
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ConfigError) as e:
+        load_samples(cfg(path), tok)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: the ") and "file is truncated or corrupt" in msg and "not a valid JSON" not in msg, msg
