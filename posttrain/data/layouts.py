@@ -58,13 +58,13 @@ class _Zstd(io.RawIOBase):
         import zstandard
 
         self.raw, self.zstd = raw, zstandard
-        self.d, self.mid, self.buf, self.done = zstandard.ZstdDecompressor().decompressobj(), False, b"", False
+        self.d, self.mid, self.buf, self.at, self.done = zstandard.ZstdDecompressor().decompressobj(), False, b"", 0, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        while not self.buf and not self.done:
+        while self.at >= len(self.buf) and not self.done:
             chunk = self.raw.read(1 << 16)
             if not chunk:
                 if self.mid:
@@ -78,9 +78,10 @@ class _Zstd(io.RawIOBase):
                 chunk = b""
                 if self.d.eof:
                     chunk, self.d = self.d.unused_data, self.zstd.ZstdDecompressor().decompressobj()
-            self.buf = b"".join(out)
-        n = min(len(b), len(self.buf))
-        b[:n], self.buf = self.buf[:n], self.buf[n:]
+            self.buf, self.at = b"".join(out), 0
+        n = min(len(b), len(self.buf) - self.at)  # an offset into buf, not a copy of its rest per read
+        b[:n] = self.buf[self.at: self.at + n]
+        self.at += n
         return n
 
 
