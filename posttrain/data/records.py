@@ -3,8 +3,9 @@
 A record is one JSON object (a line, a row, an array element): `{"messages": [...]}`,
 `{"conversations": [...]}` (ShareGPT), `{"instruction", "input", "output"}` (Alpaca),
 `{"prompt": ..., "completion": ...}` or `{"text": ...}` (formats.py). Every failure (bad JSON, missing or mistyped fields, a sample with nothing to
-train on, an overlong sample under `overlong: drop`) is a `BadRecord` naming `file:line` and the
-reason; `on_bad_record: error` stops the job with it, `skip` counts it per reason.
+train on, an overlong sample under `overlong: drop`, a chat role other than system/user/assistant/tool
+under `data.unknown_roles: error`, where a compressed file broke) is a `BadRecord` naming `file:line`
+and the reason; `on_bad_record: error` stops the job with it, `skip` counts it per reason.
 """
 
 from __future__ import annotations

@@ -181,10 +181,13 @@ def test_broken_compressed_file_is_skipped_and_the_next_file_read(tmp_path, tok,
 
 @pytest.mark.parametrize("kind", ["gz", "zst"])
 def test_intact_compressed_files_read_in_full_across_windows(tmp_path, tok, kind):
+    """Also several concatenated members / frames (pigz, zstd -T, `cat a.zst b.zst`)."""
     path = tmp_path / f"d.jsonl.{kind}"
-    path.write_bytes(_compress(kind, b"".join(json.dumps({"text": f"t {i}"}).encode() + b"\n" for i in range(300))))
+    parts = [b"".join(json.dumps({"text": f"t {i}"}).encode() + b"\n" for i in range(j, j + 100)) for j in (0, 100, 200)]
+    path.write_bytes(b"".join(_compress(kind, p) for p in parts))
     samples, stats = load_samples(cfg(path, shuffle_window=64), tok)
     assert len(samples) == 300 and not stats.skipped
+    assert [tok.decode(s.input_ids, skip_special_tokens=True).strip() for s in samples][::99] == ["t 0", "t 99", "t 198", "t 297"]
 
 
 # ---------------------------------------------------------------------------- corrupt model weights
