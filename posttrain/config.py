@@ -112,6 +112,11 @@ class DataConfig(Strict):
     overlong: Literal["truncate", "drop"] = Field("truncate", description="a sample over max_seq_len: truncate (keep the start) or drop")
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="a bad record: error (stop with file:line and reason) or skip (count per reason, e.g. invalid_json)")
+    unknown_roles: Literal["error", "map", "drop", "keep"] = Field(
+        "error", description="a chat message whose role is not system, user, assistant or tool: error (a bad record "
+        "naming file:line and the role), map (ShareGPT names: human -> user, gpt/model -> assistant, observation/"
+        "function/ipython -> tool, developer -> system; others stay errors), drop (leave such messages out) or keep "
+        "(pass it to the chat template as it is, never trained)")
     packing: bool = Field(True, description="pack documents into rows of at most max_tokens_per_batch, or (false) pad to the longest sample")
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
     pack_to_multiple_of: int | None = Field(
@@ -165,7 +170,7 @@ class ComputeConfig(Strict):
     # auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a path
     resume: str = Field(
         "auto", description="auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a "
-        "checkpoint path (also --resume PATH)")
+        "checkpoint path (also --resume PATH); a checkpoint written with other data.sources is refused (its data position is for those)")
 
 
 class ExportConfig(Strict):
@@ -181,7 +186,7 @@ class JobConfig(Strict):
 
     # extra keys hold the recipe's section only; anything else is refused (see _recipe_section)
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    recipe: str = Field(description="sft | dpo | distill, or a custom recipe 'pkg.mod:run' / 'path/to/file.py:run'")
+    recipe: str = Field(description="sft | dpo | distill | grpo, or a custom recipe 'pkg.mod:run' / 'path/to/file.py:run'")
     model: ModelConfig = Field(description="the model to train and how to load it")
     data: DataConfig = Field(description="where the data is and how it becomes packed token batches")
     train: TrainConfig = Field(description="optimizer, schedule and steps")

@@ -34,6 +34,99 @@ SUPPORTED = (
 LINE_KINDS = ("jsonl", "json", "txt")  # whose cursor counts lines from 1
 
 
+class CorruptFile(ConfigError):
+    """A compressed file that is truncated or corrupt (raised while reading it; never retried)."""
+
+    def __init__(self, url: str, detail: str):
+        super().__init__(f"{url}: {detail}")
+        self.url, self.detail = url, detail
+
+
+@dataclass(frozen=True)
+class CorruptData:
+    """Read in place of a record where a compressed file broke; the loader makes it a bad record
+    (reason `corrupt_file`) and the source goes on with its next file."""
+
+    detail: str
+
+
+class _Zstd(io.RawIOBase):
+    """zstd frames decompressed from `raw`; a file that ends inside a frame raises EOFError (the
+    `zstandard` stream reader returns nothing then, which would read a truncated file as empty)."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw, self.zstd = raw, zstandard
+        self.d, self.mid, self.buf, self.at, self.done = zstandard.ZstdDecompressor().decompressobj(), False, b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.at >= len(self.buf) and not self.done:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.mid:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                self.done = True
+                break
+            out = []
+            while chunk:
+                out.append(self.d.decompress(chunk))
+                self.mid = not self.d.eof
+                chunk = b""
+                if self.d.eof:
+                    chunk, self.d = self.d.unused_data, self.zstd.ZstdDecompressor().decompressobj()
+            self.buf, self.at = b"".join(out), 0
+        n = min(len(b), len(self.buf) - self.at)  # an offset into buf, not a copy of its rest per read
+        b[:n] = self.buf[self.at: self.at + n]
+        self.at += n
+        return n
+
+
+class Decompressed(io.RawIOBase):
+    """A `.gz` or `.zst` file, decompressed; truncation or corruption raises `CorruptFile` naming the
+    file and the compressed byte where it broke."""
+
+    def __init__(self, url: str, raw):
+        import gzip
+        import zlib
+
+        self.url, self.raw = url, raw
+        self.inner = gzip.GzipFile(fileobj=raw, mode="rb") if url.lower().endswith(".gz") else _Zstd(raw)
+        corrupt: list[type] = [EOFError, zlib.error, gzip.BadGzipFile]
+        try:
+            import zstandard
+
+            corrupt.append(zstandard.ZstdError)
+        except ImportError:  # pragma: no cover - only .gz then
+            pass
+        self.corrupt = tuple(corrupt)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            return self.inner.readinto(b)
+        except self.corrupt as e:
+            try:
+                at = f" near compressed byte {self.raw.tell()}"
+            except (OSError, ValueError, AttributeError):
+                at = ""
+            kind = "zstd" if isinstance(self.inner, _Zstd) else "gzip"
+            raise CorruptFile(self.url, f"the {kind} file is truncated or corrupt{at} ({type(e).__name__}: {e})") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.inner.close()
+            finally:
+                self.raw.close()
+        super().close()
+
+
 @dataclass(frozen=True)
 class RawText:
     """A text record still as bytes: decoded (and refused if not UTF-8) by `parse_record`."""
@@ -73,7 +166,15 @@ class LinesReader:
         self.url, self.open, self.text = url, open_, text
 
     def read(self, offset: int, line: int, size: int) -> Window:
-        items, off, ln = [], offset, line
+        items, at = [], [line]  # at[0]: the line being read
+        try:
+            return self._read(items, at, offset, line, size)
+        except CorruptFile as e:  # the file ends here: what was read, then the break as a bad record
+            items.append((f"{self.url}:{at[0]}", CorruptData(f"{e.detail}, at line {at[0]}")))
+            return items, -1, at[0]
+
+    def _read(self, items: list, at: list, offset: int, line: int, size: int) -> Window:
+        off, ln = offset, line
         with self.open() as f:
             if offset:
                 if f.seekable():
@@ -90,6 +191,7 @@ class LinesReader:
                 if raw.strip():
                     items.append((f"{self.url}:{ln}", RawText(raw.rstrip(b"\r\n")) if self.text else raw))
                 ln += 1
+                at[0] = ln
             more = bool(f.read(1))
         return items, (off if more else -1), ln
 
@@ -101,8 +203,11 @@ class TextFileReader:
         self.url, self.open = url, open_
 
     def read(self, offset: int, line: int, size: int) -> Window:
-        with self.open() as f:
-            return [(self.url, RawText(f.read()))], -1, 0
+        try:
+            with self.open() as f:
+                return [(self.url, RawText(f.read()))], -1, 0
+        except CorruptFile as e:
+            return [(self.url, CorruptData(e.detail))], -1, 0
 
 
 class JsonArrayReader:
@@ -116,6 +221,8 @@ class JsonArrayReader:
             with self.open() as f:
                 try:
                     self.records = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+                except CorruptFile:
+                    raise
                 except (ValueError, UnicodeDecodeError) as e:
                     pos = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
                     raise ConfigError(f"data.sources: {self.url}: not a valid JSON array file ({getattr(e, 'msg', e)}{pos})") from None

@@ -14,13 +14,14 @@ import dataclasses
 import queue
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from ..config import ConfigError, DataConfig, resolve_import_path
 from .mixer import Mixer
 from .packing import make_batch
-from .records import BadRecord, RecordStats, Sample, encode_sft_record
-from .sources import Source, parse_record
+from .records import CHAT_FORMATS, BadRecord, RecordStats, Sample, encode_sft_record, has_chat_template, no_chat_template
+from .sources import CorruptRecord, Source, parse_record
 
 # encode(tokenizer, record, "file:line", data config, record stats) -> Sample, or raise BadRecord.
 # It runs after parsing and the source's transform and applies the length policy itself (the stats count
@@ -40,6 +41,11 @@ class SampleStream:
                  encode: Encode | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.encode: Encode = encode if encode is not None else encode_sft_record
+        if not has_chat_template(tokenizer):
+            for i, s in enumerate(cfg.sources):
+                if (s.format or cfg.format) in CHAT_FORMATS:
+                    key = f"data.sources[{i}].format" if s.format else "data.format"
+                    raise no_chat_template(tokenizer, f"data.sources[{i}] ({s.path!r}, {key}: {s.format or cfg.format})")
         sources = [
             Source(s.path, seed=seed, rank=rank, world_size=world_size, shuffle=cfg.shuffle,
                    window=cfg.shuffle_window, storage_options=cfg.storage_options, sample_by=s.sample_by)
@@ -53,6 +59,9 @@ class SampleStream:
             key, spec = (f"data.sources[{i}].transform", s.transform) if s.transform else ("data.transform", cfg.transform)
             self.transforms.append((spec, resolve_import_path(spec, key=key)) if spec else None)
         self.stats = RecordStats()
+        # per source, its current pass: [epoch, records kept, Counter of skip reasons]; None while
+        # the pass was not seen from its start (a resume from an older checkpoint)
+        self.passes: list[list | None] = [[0, 0, Counter()] for _ in cfg.sources]
 
     def next(self) -> Sample | None:
         while True:
@@ -60,6 +69,7 @@ class SampleStream:
             if item is None:
                 return None
             idx, where, raw = item
+            self._check_pass(idx)
             self.stats.seen += 1
             try:
                 sample = self._encode(idx, where, raw)
@@ -68,17 +78,41 @@ class SampleStream:
                     hint = " (data.on_bad_record: error; set it to 'skip' to count and skip such records)"
                     raise BadRecord(bad.where, bad.reason, bad.detail + hint) from bad.__cause__
                 self.stats.skipped[bad.reason] += 1
+                self.passes[idx][2][bad.reason] += 1
                 continue
             if sample is None:
                 self.stats.skipped["filtered"] += 1
+                self.passes[idx][2]["filtered"] += 1
                 continue
             self.stats.kept += 1
+            self.passes[idx][1] += 1
             epoch = self.mixer.sources[idx].cursor.epoch
             return sample if sample.epoch == epoch else dataclasses.replace(sample, epoch=epoch)
+
+    def _check_pass(self, idx: int) -> None:
+        """A source whose whole pass yielded no usable record would restart forever (data.max_epochs:
+        null), reading and skipping, and never give a sample: stop with the skip counts of that pass
+        instead. With max_epochs set the passes end, and a run that trained nothing says so."""
+        epoch = self.mixer.sources[idx].cursor.epoch
+        p = self.passes[idx]
+        if p is None:  # resumed mid-pass from a state without pass counts: judge from the next pass on
+            self.passes[idx] = [epoch, 1, Counter()]
+            return
+        if p[0] == epoch:
+            return
+        if p[1] == 0 and epoch == p[0] + 1 and self.cfg.max_epochs is None:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(p[2].items())) or "no record read"
+            raise ConfigError(
+                f"data.sources[{idx}] {self.cfg.sources[idx].path!r}: a whole pass over it (epoch {p[0]}) yielded no usable "
+                f"record, so it would restart forever without giving a sample; skipped: {counts}. Fix the data (or the "
+                f"transform, format, chat template), or remove the source")
+        self.passes[idx] = [epoch, 0, Counter()]
 
     def _encode(self, idx: int, where: str, raw: Any) -> Sample | None:
         try:
             rec = parse_record(raw)
+        except CorruptRecord as e:
+            raise BadRecord(where, "corrupt_file", f"{e}; the rest of the file is not read") from None
         except UnicodeDecodeError as e:
             raise BadRecord(where, "not_utf8", f"not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start})") from None
         except ValueError as e:
@@ -104,11 +138,14 @@ class SampleStream:
         return out
 
     def state_dict(self) -> dict:
-        return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy()}
+        passes = [None if p is None else [p[0], p[1], Counter(p[2])] for p in self.passes]
+        return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy(), "passes": passes}
 
     def load_state_dict(self, state: dict) -> None:
         self.mixer.load_state_dict(state["mixer"])
         self.stats = state["stats"].copy()
+        passes = state.get("passes") or [None] * len(self.passes)
+        self.passes = [None if p is None else [p[0], p[1], Counter(p[2])] for p in passes]
 
 
 class _Failure:

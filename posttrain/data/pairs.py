@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .chat import ChatTemplateError, EmptyMaskError, encode_prompt_completion
-from .records import BadRecord, RecordStats, Sample, _check_messages
+from .records import BadRecord, RecordStats, Sample, _check_messages, apply_role_policy
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -53,7 +53,7 @@ def _rename(err: str, key: str) -> str:
     return err.replace("'messages'", f"'{key}'").replace("messages[", f"{key}[")
 
 
-def _prompt(rec: dict, where: str):
+def _prompt(rec: dict, where: str, unknown_roles: str = "error"):
     if "prompt" in rec and "messages" in rec:
         raise BadRecord(where, "wrong_type", "preference record has both 'prompt' and 'messages'; give one (the prompt)")
     key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
@@ -68,10 +68,10 @@ def _prompt(rec: dict, where: str):
         raise BadRecord(where, "wrong_type", f"'{key}' must be {kinds}, got {type(p).__name__}")
     if (err := _check_messages(p)) is not None:
         raise BadRecord(where, "wrong_type", _rename(err, key))
-    return p
+    return apply_role_policy(p, where, unknown_roles, key)
 
 
-def _completion(rec: dict, side: str, where: str):
+def _completion(rec: dict, side: str, where: str, unknown_roles: str = "error"):
     c = rec.get(side)
     if c is None:
         keys = ", ".join(sorted(rec)) or "none"
@@ -84,7 +84,7 @@ def _completion(rec: dict, side: str, where: str):
         raise BadRecord(where, "wrong_type", f"'{side}' must be a string, a message object or a list of messages, got {type(c).__name__}")
     if (err := _check_messages(c)) is not None:
         raise BadRecord(where, "wrong_type", _rename(err, side))
-    return c
+    return apply_role_policy(c, where, unknown_roles, side)
 
 
 def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: bool):
@@ -106,10 +106,11 @@ def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: boo
     return tuple(enc.input_ids), labels
 
 
-def encode_pair(tokenizer, rec: dict, where: str) -> Sample:
-    """One preference record -> one unit of two documents (chosen, rejected), or raise BadRecord."""
-    prompt = _prompt(rec, where)
-    completions = [_completion(rec, side, where) for side in SIDES]
+def encode_pair(tokenizer, rec: dict, where: str, unknown_roles: str = "error") -> Sample:
+    """One preference record -> one unit of two documents (chosen, rejected), or raise BadRecord.
+    `unknown_roles` is data.unknown_roles for the messages of prompt and completions."""
+    prompt = _prompt(rec, where, unknown_roles)
+    completions = [_completion(rec, side, where, unknown_roles) for side in SIDES]
     chat = _has_chat_template(tokenizer)
     (c_ids, c_labels), (r_ids, r_labels) = (
         _encode_side(tokenizer, prompt, comp, side, where, chat) for side, comp in zip(SIDES, completions)
@@ -155,4 +156,4 @@ def encode_pair_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stat
     """The loader's `encode` for preference data: `encode_pair` + `fit_pair` with
     max_len_per_side = min(data.max_seq_len, data.max_tokens_per_batch // 2) and data.overlong.
     `data.format` does not apply to pairs."""
-    return fit_pair(encode_pair(tokenizer, rec, where), pair_max_len(cfg), cfg.overlong, stats)
+    return fit_pair(encode_pair(tokenizer, rec, where, cfg.unknown_roles), pair_max_len(cfg), cfg.overlong, stats)

@@ -3,8 +3,9 @@
 A record is one JSON object (a line, a row, an array element): `{"messages": [...]}`,
 `{"conversations": [...]}` (ShareGPT), `{"instruction", "input", "output"}` (Alpaca),
 `{"prompt": ..., "completion": ...}` or `{"text": ...}` (formats.py). Every failure (bad JSON, missing or mistyped fields, a sample with nothing to
-train on, an overlong sample under `overlong: drop`) is a `BadRecord` naming `file:line` and the
-reason; `on_bad_record: error` stops the job with it, `skip` counts it per reason.
+train on, an overlong sample under `overlong: drop`, a chat role other than system/user/assistant/tool
+under `data.unknown_roles: error`, where a compressed file broke) is a `BadRecord` naming `file:line`
+and the reason; `on_bad_record: error` stops the job with it, `skip` counts it per reason.
 """
 
 from __future__ import annotations
@@ -14,10 +15,29 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
-from .formats import FormatError, normalize
+from .formats import SHAREGPT_ROLES, FormatError, normalize
 
 if TYPE_CHECKING:
     from ..config import DataConfig
+
+
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
+
+
+def no_chat_template(tokenizer, what: str):
+    """The configuration error for chat records and a tokenizer without a chat template (every such
+    record would fail the same way, so it is not a bad record to skip)."""
+    from ..config import ConfigError
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    return ConfigError(
+        f"model.path: the tokenizer of {name!r} has no chat template, but {what} holds conversations; set "
+        f"model.chat_template to a Jinja template (inline or a .jinja file), use a model whose tokenizer has one, "
+        f"or give the data as text / prompt+completion strings")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 class BadRecord(ValueError):
@@ -53,13 +73,38 @@ class RecordStats:
     kept: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
+    capped: int = 0  # records so long that only a prefix of their text was tokenized (see cap_text)
 
     def copy(self) -> "RecordStats":
-        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped))
+        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped), self.capped)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated; skipped: {skipped}"
+        capped = f" ({self.capped} so long that only their first characters were tokenized)" if self.capped else ""
+        return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated{capped}; skipped: {skipped}"
+
+
+CAP_MARGIN = 64  # tokens tokenized past the limit, so the cut cannot change the tokens kept
+CAP_CHARS_PER_TOKEN = 8  # first guess; quadrupled until the prefix gives enough tokens
+
+
+def cap_text(tokenizer, text: str, max_tokens: int | None, *, add_special_tokens: bool) -> tuple[str, bool]:
+    """(a prefix of `text` enough for its first `max_tokens` tokens, whether it was cut).
+
+    A 5 MB record of which only max_seq_len tokens are kept is not tokenized in full: the prefix is
+    grown (8, 32, 128, ... characters per token) until it gives at least max_tokens + CAP_MARGIN
+    tokens, so the cut lies CAP_MARGIN tokens past the last token kept and cannot change it (a
+    tokenizer's merges across a cut reach back a few tokens, not 64). Text shorter than the guess is
+    returned whole, untouched."""
+    if max_tokens is None:
+        return text, False
+    need = max_tokens + CAP_MARGIN
+    chars = need * CAP_CHARS_PER_TOKEN
+    while chars < len(text):
+        if len(tokenizer(text[:chars], add_special_tokens=add_special_tokens)["input_ids"]) >= need:
+            return text[:chars], True
+        chars *= 4
+    return text, False
 
 
 def _check_messages(msgs) -> str | None:
@@ -76,28 +121,73 @@ def _check_messages(msgs) -> str | None:
     return None
 
 
-def encode_record(tokenizer, rec: dict, where: str, fmt: str) -> Sample:
-    """One record -> Sample, or raise BadRecord naming the reason."""
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {**SHAREGPT_ROLES, "developer": "system"}
+
+
+def apply_role_policy(messages: list, where: str, policy: str, key: str = "messages") -> list:
+    """`data.unknown_roles` on a checked message list: roles other than system/user/assistant/tool
+    are an error (BadRecord `unknown_role`), mapped by their ShareGPT name, dropped, or kept."""
+    if policy == "keep" or all(m["role"] in ROLES for m in messages):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role in ROLES:
+            out.append(m)
+        elif policy == "drop":
+            continue
+        elif policy == "map" and role.lower() in ROLE_ALIASES:
+            out.append({**m, "role": ROLE_ALIASES[role.lower()]})
+        else:
+            hint = ("it has no known mapping; fix the record, or set data.unknown_roles: drop or keep" if policy == "map" else
+                    "set data.unknown_roles: map (human -> user, gpt -> assistant, ...), drop or keep, or fix the record")
+            raise BadRecord(where, "unknown_role", f"{key}[{i}].role {role!r} is not one of {', '.join(ROLES)}; {hint}")
+    return out
+
+
+def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error", *,
+                  max_tokens: int | None = None, stats: RecordStats | None = None) -> Sample:
+    """One record -> Sample, or raise BadRecord naming the reason. With `max_tokens`, only what the
+    first max_tokens tokens need of a long text / prompt / completion string is tokenized (counted
+    in `stats.capped`); the tokens kept are the same."""
     try:
         fmt, rec = normalize(rec, fmt)
     except FormatError as e:
         raise BadRecord(where, e.reason, e.detail) from None
+    if not has_chat_template(tokenizer) and (fmt == "messages" or (fmt == "prompt_completion" and isinstance(rec.get("prompt"), list))):
+        raise no_chat_template(tokenizer, f"record {where}")
     try:
         if fmt == "messages":
             if (err := _check_messages(rec.get("messages"))) is not None:
                 raise BadRecord(where, "wrong_type" if "messages" in rec else "missing_field", err)
-            enc = encode_messages(tokenizer, rec["messages"], tools=rec.get("tools"))
+            messages = apply_role_policy(rec["messages"], where, unknown_roles)
+            enc = encode_messages(tokenizer, messages, tools=rec.get("tools"))
         elif fmt == "prompt_completion":
             p, c = rec.get("prompt"), rec.get("completion")
             if p is None or c is None:
                 raise BadRecord(where, "missing_field", "prompt/completion record needs both 'prompt' and 'completion'")
             if isinstance(p, str) != isinstance(c, str) or not isinstance(p, (str, list)):
                 raise BadRecord(where, "wrong_type", "'prompt' and 'completion' must both be strings or both lists of messages")
+            if isinstance(p, list):
+                for key, msgs in (("prompt", p), ("completion", c)):
+                    if msgs and (err := _check_messages(msgs)) is not None:
+                        raise BadRecord(where, "wrong_type", err.replace("'messages'", f"'{key}'").replace("messages[", f"{key}["))
+                p = apply_role_policy(p, where, unknown_roles, "prompt")
+                c = apply_role_policy(c, where, unknown_roles, "completion")
+            if isinstance(p, str):
+                p, cut_p = cap_text(tokenizer, p, max_tokens, add_special_tokens=True)
+                c, cut_c = cap_text(tokenizer, c, max_tokens, add_special_tokens=False)
+                if (cut_p or cut_c) and stats is not None:
+                    stats.capped += 1
             enc = encode_prompt_completion(tokenizer, p, c)
         else:
             if not isinstance(rec.get("text"), str):
                 raise BadRecord(where, "wrong_type" if "text" in rec else "missing_field", "'text' must be a string")
-            enc = encode_text(tokenizer, rec["text"])
+            text, cut = cap_text(tokenizer, rec["text"], max_tokens, add_special_tokens=True)
+            if cut and stats is not None:
+                stats.capped += 1
+            enc = encode_text(tokenizer, text)
     except EmptyMaskError as e:
         raise BadRecord(where, "empty_mask", f"nothing to train on: {e}") from e
     except ChatTemplateError as e:
@@ -121,5 +211,9 @@ def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Samp
 def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample:
     """The loader's default `encode`: one SFT record -> one single-document Sample of at most
     min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest)."""
-    sample = encode_record(tokenizer, rec, where, cfg.format)
-    return fit_length(sample, min(cfg.max_seq_len, cfg.max_tokens_per_batch), cfg.overlong, stats)
+    max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
+    capped = stats.capped
+    sample = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats)
+    if stats.capped > capped and cfg.overlong == "drop":  # its full length was never counted
+        raise BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
+    return fit_length(sample, max_len, cfg.overlong, stats)

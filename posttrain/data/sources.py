@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 
 from ..config import ConfigError
-from .layouts import LINE_KINDS, SUPPORTED, RawText, is_dataset_dir, kind_of, make_reader
+from .layouts import LINE_KINDS, SUPPORTED, CorruptData, Decompressed, RawText, is_dataset_dir, kind_of, make_reader
 
 RETRIES = 5
 BACKOFF_S = 0.2
@@ -140,6 +140,8 @@ class Source:
 
     def _open(self, url: str):
         def op():
+            if url.lower().endswith((".gz", ".zst")):  # our decompressor: a broken file is named, not retried
+                return io.BufferedReader(Decompressed(url, fsspec.open(url, "rb", **self._fs_kwargs()).open()))
             f = fsspec.open(url, "rb", compression="infer", **self._fs_kwargs()).open()
             # zstd's decompression reader has read/readinto but no readline: buffer it
             return f if isinstance(f, io.BufferedIOBase) or hasattr(f, "peek") else io.BufferedReader(f)
@@ -206,11 +208,17 @@ class Source:
         self._window = None
 
 
+class CorruptRecord(ValueError):
+    """Where a compressed file broke (the loader's bad-record reason `corrupt_file`)."""
+
+
 def parse_record(raw) -> Any:
     """bytes/str line -> decoded JSON; a text line or file -> {"text": ...}; a row or JSON array
     element as it is. Raises ValueError (bad JSON) or UnicodeDecodeError (text that is not UTF-8)."""
     if isinstance(raw, RawText):
         return {"text": raw.data.decode("utf-8")}
+    if isinstance(raw, CorruptData):
+        raise CorruptRecord(raw.detail)
     if isinstance(raw, (bytes, str)):
         return json.loads(raw)
     return raw

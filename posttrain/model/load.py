@@ -37,6 +37,10 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load a causal LM from {cfg.path!r}{hub_hint(cfg.path)}: {e}") from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(corrupt_weights_message(cfg.path, e)) from None
     model.config.use_cache = False
     check_supported(model, allow_unverified=cfg.allow_unverified)
     text_cfg = model.config.get_text_config()
@@ -63,6 +67,25 @@ def load_model(
     if packing:
         check_packing_support(model, attn, len(tokenizer), dtype)
     return model
+
+
+def corrupt_weights_message(path: str, err: Exception) -> str:
+    """One line naming the weights file safetensors cannot read (the error itself names none)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    detail = " ".join(str(err).split())
+    folder = Path(path).expanduser()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - any failure to open is the answer
+            detail = " ".join(str(e).split())
+            return (f"model.path: the weights file {f} is corrupt or truncated ({detail}); "
+                    f"download or export the model again")
+    return f"model.path: cannot read the safetensors weights of {path!r} ({detail}); download or export the model again"
 
 
 def check_packing_support(model: torch.nn.Module, attn: str, vocab_size: int, dtype: torch.dtype) -> None:

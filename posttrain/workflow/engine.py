@@ -324,6 +324,31 @@ class Engine:
     def _meta(self) -> dict:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
 
+    def _check_same_sources(self, path, saved: dict | None) -> None:
+        """The data state (cursors per source, mixer) only means something for the sources it was
+        written with: a changed data.sources is refused, saying what changed and what to do."""
+        try:
+            old = saved["data"]["sources"]
+        except (TypeError, KeyError):  # a checkpoint without its config: nothing to compare
+            return
+        new = self.cfg.model_dump(mode="json")["data"]["sources"]
+        if old == new:
+            return
+        changes = []
+        for i in range(max(len(old), len(new))):
+            if i >= len(old):
+                changes.append(f"[{i}] added ({new[i]['path']!r})")
+            elif i >= len(new):
+                changes.append(f"[{i}] removed ({old[i]['path']!r})")
+            else:
+                changes += [f"[{i}].{k}: {old[i].get(k)!r} -> {new[i].get(k)!r}"
+                            for k in sorted(set(old[i]) | set(new[i])) if old[i].get(k) != new[i].get(k)]
+        was = ", ".join(repr(s["path"]) for s in old)
+        raise ConfigError(
+            f"data.sources changed since checkpoint {path} was written ({'; '.join(changes)}); its data position is "
+            f"for the old sources. Start afresh with --overwrite (or another compute.output_dir), or resume with the "
+            f"old sources ({was}) as they were")
+
     def _resume(self, loader: DataLoader, states: dict[str, Any]) -> int:
         """Restore the newest readable checkpoint; an unreadable one (corrupt or missing file) is
         reported and the next older one tried, all ranks together."""
@@ -348,6 +373,7 @@ class Engine:
                 continue
             if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
                 raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
+            self._check_same_sources(path, state["meta"].get("config"))
             loader.load_state_dict(state["data"])
             saved = state.get("states") or {}
             for name, obj in states.items():
