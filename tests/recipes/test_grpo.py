@@ -37,6 +37,16 @@ def grpo_job(model_dir, prompts_file, out, steps=3, **sections):
     return job
 
 
+@pytest.fixture
+def own_ray():
+    """run_job with workers starts Ray in this process: shut it down after the test."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -60,11 +70,14 @@ def test_kill_and_resume_continues_exactly(tiny_qwen3, prompts, tmp_path):
     def job(out):
         return grpo_job(tiny_qwen3, prompts, out, steps=5, compute={"checkpoint_every": 2})
 
-    ref = run_job(JobConfig.model_validate(job(tmp_path / "ref")))
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(job(tmp_path / "killed")))
-    run_and_kill(job_file, tmp_path / "killed", kill_at=3)
-    done = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT, capture_output=True, text=True)
+    def cli(job_file):
+        return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(job_file)], cwd=ROOT, capture_output=True, text=True)
+
+    for name in ("ref", "killed"):  # both in fresh processes: the same threads, so bitwise comparable
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job(tmp_path / name)))
+    assert cli(tmp_path / "ref.yaml").returncode == 0
+    run_and_kill(tmp_path / "killed.yaml", tmp_path / "killed", kill_at=3)
+    done = cli(tmp_path / "killed.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed" in done.stderr
     got = metrics(tmp_path / "killed")
@@ -74,7 +87,6 @@ def test_kill_and_resume_continues_exactly(tiny_qwen3, prompts, tmp_path):
     assert [[s[k] for k in keys] for s in got] == [[s[k] for k in keys] for s in want]
     # the on-policy GRPO loss is sum(A)/N ~ 0: float noise of 1e-9 whose sign depends on the summation order
     assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], abs=1e-7)
-    assert [s["loss"] for s in want] == ref["losses"]
 
 
 def test_job_section_is_checked(tiny_qwen3, prompts, tmp_path):
@@ -115,7 +127,7 @@ def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, p
 
 
 @pytest.mark.slow
-def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts, tmp_path, capfd):
+def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts, tmp_path, capfd, own_ray):
     """Rank 0 generates and scores for the step, each worker trains on its share under FSDP2: the
     same rollouts and the same update as one worker (global token normaliser). The same 2 workers
     started by Verl's RayWorkerGroup (compute.worker_group: verl) give the same steps."""

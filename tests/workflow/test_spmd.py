@@ -28,6 +28,8 @@ def ray_local():
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    if ray.is_initialized():  # an earlier test's run_job started workers in this process
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
