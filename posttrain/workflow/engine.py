@@ -209,6 +209,7 @@ class Engine:
         self.opt = build_optimizer(self.model, cfg.train)
         self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps * updates_per_step)
         self.frozen_models: list[Frozen] = []
+        self._copy: torch.nn.Module | None = None  # rank 0's unsharded copy for gathers (see unsharded)
         self.losses: list[float] = []
         self.start_step = 0
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -509,7 +510,7 @@ class Engine:
         weights = full_state_dict(self.model)
         if self.rank != 0:
             return None
-        if getattr(self, "_copy", None) is None:
+        if self._copy is None:
             self._copy = load_model(self.cfg.model, self.tokenizer, device=torch.device("cpu"), dtype=self.dtype,
                                     merge_lora=self.cfg.export.merge_lora)
         self._copy.load_state_dict(weights)

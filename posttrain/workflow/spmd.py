@@ -61,7 +61,7 @@ def _ray_init(address: str | None, cfg: JobConfig) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         # a recipe's own actors (e.g. a rollout engine placed apart) declare what they need
-        extra = getattr(cfg.section, "ray_resources", dict)() if cfg.section is not None else {}
+        extra = getattr(cfg.section, "ray_resources", dict)()
         cpus = max(cfg.compute.workers * cfg.compute.cpus_per_worker + extra.get("CPU", 0), os.cpu_count() or 1)
         ray.init(num_cpus=math.ceil(cpus), include_dashboard=False, runtime_env=env, log_to_driver=True)
 
