@@ -480,12 +480,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple, str]:
     for item in overrides:
         path, value = parse_override(item)
         node = raw
-        for i, part in enumerate(path[:-1]):
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-        origin[tuple(path)] = item
+        loc: list = []
+        for i, part in enumerate(path):
+            if isinstance(node, list):  # a list entry by index: data.sources.0.weight=2
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is a list of {len(node)}; "
+                                      f"{part!r} is not an index of it")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is not a section")
+            loc.append(key)
+            if i == len(path) - 1:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[key]
+        origin[tuple(loc)] = item
     return origin
 
 
@@ -585,16 +598,7 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
     next to the job file (a module in the current directory is imported from there as it is).
     `model.chat_template` naming a file is made absolute too."""
     def fix(spec):
-        if not isinstance(spec, str) or ":" not in spec:
-            return spec
-        file, _, attr = spec.rpartition(":")
-        if file.endswith(".py"):
-            for base in (job_dir, Path.cwd()):
-                if (base / file).is_file():
-                    return f"{(base / file).resolve()}:{attr}"
-        elif not _importable(file) and (found := _module_file(file, job_dir)) is not None:
-            return f"{found.resolve()}:{attr}"
-        return spec
+        return absolute_import_path(spec, job_dir)
 
     raw["recipe"] = fix(raw.get("recipe"))
     model = raw.get("model")
@@ -612,6 +616,22 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
         for reward in (section.get("rewards") if isinstance(section, dict) else None) or []:
             if isinstance(reward, dict) and "fn" in reward:
                 reward["fn"] = fix(reward["fn"])
+
+
+def absolute_import_path(spec, base_dir: Path):
+    """An import path as a job or suite file names it, made absolute: `path/to/file.py:fn` found
+    next to the file (`base_dir`), then in the current directory; `module:fn` when `module` is not
+    importable but is a file next to it. Anything else is returned as it is."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    file, _, attr = spec.rpartition(":")
+    if file.endswith(".py"):
+        for base in (base_dir, Path.cwd()):
+            if (base / file).is_file():
+                return f"{(base / file).resolve()}:{attr}"
+    elif not _importable(file) and (found := _module_file(file, base_dir)) is not None:
+        return f"{found.resolve()}:{attr}"
+    return spec
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:
