@@ -5,6 +5,7 @@
         metrics.jsonl          one line per step
         tensorboard/           with compute.tensorboard: true
         checkpoints/           step_N/ dirs and the `latest` pointer (compute/checkpoint.py)
+        best.json              with train.eval_every: the best evaluation so far and its checkpoint
         <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
         .stop-request          written by a driver on Ctrl-C/SIGTERM: its workers stop after the step
         hf/                    the final export; hf-step_N/ from `posttrain export`
@@ -42,6 +43,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.json"
 
     @property
     def hf(self) -> Path:
