@@ -560,7 +560,7 @@ class Engine:
                 f"no training step ran: data.sources ({sources}) gave no batch ({loader.stats.summary()}); "
                 "nothing was exported. Check the data files, data.on_bad_record and data.max_epochs"
             )
-        if trained == 0:
+        if trained == 0 and not self.stopped_early:
             self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
 
     def _stop_signal(self) -> int:
