@@ -153,12 +153,12 @@ class TrainConfig(Strict):
     eval_max_batches: int | None = Field(
         None, ge=1, description="micro-batches each worker evaluates (the first ones of its share; null: all of data.eval_sources)")
     best_metric: str = Field(
-        "eval/loss", description="the evaluation metric that picks the best checkpoint (and early stopping): its step's "
-        "checkpoint is written and kept whatever compute.keep_checkpoints says, and named in <output_dir>/best.json")
+        "eval/loss", description="the evaluation metric (`eval/...`) that picks the best step, named with its checkpoint "
+        "in <output_dir>/best.json, and that early stopping watches")
+    best_mode: Literal["min", "max"] = Field("min", description="min: lower best_metric is better (a loss); max: higher (an accuracy)")
     keep_best: bool = Field(
         True, description="write a checkpoint at each evaluation that improves best_metric and keep it whatever "
         "compute.keep_checkpoints says (false: best.json names the best step, checkpoints follow compute.checkpoint_every)")
-    best_mode: Literal["min", "max"] = Field("min", description="min: lower best_metric is better (a loss); max: higher (an accuracy)")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations in a row without improving best_metric by more than "
         "early_stopping_min_delta (null: never); the run checkpoints, exports and ends normally")

@@ -220,8 +220,9 @@ class Engine:
         self._copy: torch.nn.Module | None = None  # rank 0's unsharded copy for gathers (see unsharded)
         self.losses: list[float] = []
         self.start_step = 0
-        # more evaluations (a benchmark suite): hook(engine, step) -> {name: value}, run after the
-        # held-out loss at every evaluation; their values are logged as `eval/<name>` with it
+        # more evaluations (a benchmark suite): hook(engine, step) -> {name: value}, run on every
+        # worker after the held-out loss at every evaluation, the same values on all of them (early
+        # stopping decides on each); logged as `eval/<name>` with it
         self.eval_hooks: list[Callable[["Engine", int], dict[str, float]]] = []
         self._held_out: list[dict] | None = None  # this rank's held-out micro-batches (CPU), read once
         self.best: Best | None = None
@@ -440,7 +441,7 @@ class Engine:
             self._check_same_sources(path, state["meta"].get("config"))
             loader.load_state_dict(state["data"])
             saved = state.get("states") or {}
-            self._resume_best(saved.get(_BEST), path)
+            self._resume_best(saved.get(_BEST), path, state["meta"].get("config"))
             for name, obj in states.items():
                 if name not in saved:
                     raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
@@ -459,10 +460,14 @@ class Engine:
                                   "or start afresh with --overwrite (or another compute.output_dir)")
         return 0
 
-    def _resume_best(self, saved: dict | None, path) -> None:
+    def _resume_best(self, saved: dict | None, path, config: dict | None) -> None:
         if self.best is None:
             return
-        if saved is None:
+        new = self.cfg.model_dump(mode="json")["data"]["eval_sources"]
+        if saved is not None and config is not None and config.get("data", {}).get("eval_sources") != new:
+            self.say(f"data.eval_sources changed since {path} was written: the best {self.best.metric} starts afresh",
+                     soft_wrap=True)
+        elif saved is None:
             self.say(f"{path} holds no evaluation state (written without train.eval_every): the best {self.best.metric} "
                      "starts afresh", soft_wrap=True)
         elif not self.best.load_state_dict(saved):

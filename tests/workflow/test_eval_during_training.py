@@ -143,6 +143,31 @@ def test_best_checkpoint_outlives_retention_and_early_stopping_resumes_exactly(t
     assert again["start_step"] == 8 and again["stopped_early"] == ref["stopped_early"] and again["losses"] == []
 
 
+def sft_with_a_constant_suite(cfg, run_dir):
+    """SFT whose evaluations also run a 'suite' (an eval hook) that always scores 0.5."""
+    from posttrain.model.loss import ce_sum
+
+    job = Engine.setup(cfg, run_dir)
+    job.eval_hooks.append(lambda engine, step: {"suite/score": 0.5})
+    for step in job.steps(job.loader(), eval_fn=lambda b: {"loss": job.forward(ce_sum, b, job.vocab)}):
+        n = step.targets()
+        for b in step.micro:
+            step.backward(job.forward(ce_sum, b, job.vocab)[0] / n)
+        step.update()
+    return job.finish()
+
+
+def test_eval_hook_metrics_join_and_patience_one_on_a_metric_that_cannot_improve(tiny_qwen3, data, tmp_path):
+    job = _job(tiny_qwen3, data, tmp_path / "r", 10, eval_every=2, best_metric="eval/suite/score", best_mode="max",
+               early_stopping_patience=1)
+    job["recipe"] = f"{__file__}:sft_with_a_constant_suite"
+    res = run_job(JobConfig.model_validate(job))
+    evals = _evals(tmp_path / "r")
+    assert sorted(evals) == [2, 4] and evals[4] == {"eval/loss": evals[4]["eval/loss"], "eval/suite/score": 0.5}
+    assert res["steps"] == 4 and res["best"]["step"] == 2 and "eval/suite/score did not improve in 1 evaluation" in res["stopped_early"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+
 def test_missing_or_unsupported_evaluation_is_a_clear_error(tiny_qwen3, data, tmp_path):
     job = _job(tiny_qwen3, data, tmp_path / "r", 2)
     path = tmp_path / "job.yaml"
