@@ -221,8 +221,9 @@ class Engine:
         self.losses: list[float] = []
         self.start_step = 0
         # more evaluations (a benchmark suite): hook(engine, step) -> {name: value}, run on every
-        # worker after the held-out loss at every evaluation, the same values on all of them (early
-        # stopping decides on each); logged as `eval/<name>` with it
+        # worker after the held-out loss at every evaluation; the same names on every worker,
+        # worker 0's values count (all workers then take the same best / early-stopping decisions);
+        # logged as `eval/<name>` with the held-out loss
         self.eval_hooks: list[Callable[["Engine", int], dict[str, float]]] = []
         self._held_out: list[dict] | None = None  # this rank's held-out micro-batches (CPU), read once
         self.best: Best | None = None
@@ -375,8 +376,10 @@ class Engine:
             for fz, f in zip(self.frozen_models, frozen_flops):
                 fz.flops = f
         values = sums.values(all_reduce_many(sums.flat()) if sums.terms else [])
-        for hook in self.eval_hooks:
-            values.update(hook(self, step))
+        for hook in self.eval_hooks:  # worker 0's values count (a suite may run there alone)
+            extra = hook(self, step)
+            names = sorted(extra)
+            values.update(zip(names, all_reduce_many([float(extra[k]) if self.rank == 0 else 0.0 for k in names])))
         out = {f"eval/{k}": v for k, v in values.items()}
         out["eval/time_s"] = time.perf_counter() - t0
         return out
