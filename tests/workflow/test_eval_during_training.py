@@ -107,7 +107,7 @@ def _early_stop_job(model, data, out):
     """best_mode: max on a falling eval loss: the first evaluation (step 2) stays the best, so the
     evaluations at 4, 6, 8 spend the patience of 3 and the run stops after step 8 of 40."""
     return _job(model, data, out, 40, eval_every=2, best_mode="max", early_stopping_patience=3,
-                compute={"checkpoint_every": 1, "keep_checkpoints": 1})
+                compute={"checkpoint_every": 2, "keep_checkpoints": 1})
 
 
 def test_best_checkpoint_outlives_retention_and_early_stopping_resumes_exactly(tiny_qwen3, data, tmp_path, capsys):
