@@ -198,6 +198,8 @@ class ExportConfig(Strict):
     merge_lora: bool = Field(True, description="merge LoRA adapters into the weights (false: the adapter only)")
     sample_prompts: list[str] = Field([], description="prompts answered greedily by the exported checkpoint at the end")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per sample prompt")
+    best: bool = Field(False, description="also export the best checkpoint (train.best_metric; needs train.eval_every and "
+                       "train.keep_best) to <output_dir>/hf-best, loaded in one process on the CPU")
 
 
 class JobConfig(Strict):
@@ -253,6 +255,9 @@ class JobConfig(Strict):
         if not t.best_metric.startswith("eval/"):
             raise ValueError(f"train.best_metric: {t.best_metric!r} is not an evaluation metric; name one logged as "
                              "`eval/...` (e.g. eval/loss)")
+        if self.export.best and (t.eval_every is None or not t.keep_best):
+            raise ValueError("export.best needs a best checkpoint: set train.eval_every (with data.eval_sources) and "
+                             "keep train.keep_best: true")
         if d.eval_sources and self.recipe in NO_EVAL_RECIPES:
             raise ValueError(f"data.eval_sources: recipe {self.recipe!r} has no evaluation during training (its data are "
                              f"prompts whose completions it generates); remove data.eval_sources and train.eval_every")

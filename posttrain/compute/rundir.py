@@ -9,6 +9,7 @@
         <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
         .stop-request          written by a driver on Ctrl-C/SIGTERM: its workers stop after the step
         hf/                    the final export; hf-step_N/ from `posttrain export`
+        hf-best/               with export.best: the export of the best checkpoint
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class RunDir:
     @property
     def stop_request(self) -> Path:
         return self.root / ".stop-request"
+
+    @property
+    def hf_best(self) -> Path:
+        return self.root / "hf-best"
 
     def export_of(self, ckpt_dir: Path) -> Path:
         return self.root / f"hf-{Path(ckpt_dir).name}"

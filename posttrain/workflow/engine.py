@@ -64,6 +64,7 @@ from ..model.load import load_model
 from ..model.loss import count_targets
 from ..model.sample import sample_chat
 from .evaluation import Best, EvalFn, Sums
+from .export import export_checkpoint
 
 _BEST = "posttrain.best"  # the engine's own entry among a checkpoint's states: evaluation.Best
 
@@ -655,6 +656,10 @@ class Engine:
                             meta={"base_model": cfg.model.path, "steps": steps, "recipe": cfg.recipe})
             result["export_dir"] = str(out)
             console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(self.tokenizer)[:12]})")
+            if cfg.export.best and self.best is not None and self.best.checkpoint:
+                best = export_checkpoint(self.out.checkpoints / self.best.checkpoint, self.out.hf_best)
+                result["best_export_dir"] = str(best)
+                console.print(f"[bold green]best HF checkpoint:[/] {best}  ({self.best.summary()})", soft_wrap=True)
             if cfg.export.sample_prompts:
                 texts = sample_chat(out, cfg.export.sample_prompts, max_new_tokens=cfg.export.max_new_tokens)
                 for prompt, text in zip(cfg.export.sample_prompts, texts):

@@ -161,11 +161,18 @@ def test_eval_hook_metrics_join_and_patience_one_on_a_metric_that_cannot_improve
     job = _job(tiny_qwen3, data, tmp_path / "r", 10, eval_every=2, best_metric="eval/suite/score", best_mode="max",
                early_stopping_patience=1)
     job["recipe"] = f"{__file__}:sft_with_a_constant_suite"
+    job["export"] = {"best": True}
     res = run_job(JobConfig.model_validate(job))
     evals = _evals(tmp_path / "r")
     assert sorted(evals) == [2, 4] and evals[4] == {"eval/loss": evals[4]["eval/loss"], "eval/suite/score": 0.5}
     assert res["steps"] == 4 and res["best"]["step"] == 2 and "eval/suite/score did not improve in 1 evaluation" in res["stopped_early"]
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    # export.best: the best checkpoint (step 2) in hf-best beside the final model (step 4) in hf
+    assert res["best_export_dir"] == str(tmp_path / "r" / "hf-best")
+    assert json.loads((tmp_path / "r" / "hf-best" / "posttrain.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "r" / "hf" / "posttrain.json").read_text())["steps"] == 4
+    best, final = load_file(tmp_path / "r" / "hf-best" / "model.safetensors"), load_file(tmp_path / "r" / "hf" / "model.safetensors")
+    assert best.keys() == final.keys() and any(not torch.equal(best[k], final[k]) for k in final)
 
 
 def test_missing_or_unsupported_evaluation_is_a_clear_error(tiny_qwen3, data, tmp_path):
@@ -175,7 +182,7 @@ def test_missing_or_unsupported_evaluation_is_a_clear_error(tiny_qwen3, data, tm
     def error(**sections):
         j = json.loads(json.dumps(job))
         for section, values in sections.items():
-            j[section].update(values) if isinstance(values, dict) else j.__setitem__(section, values)
+            j.setdefault(section, {}).update(values) if isinstance(values, dict) else j.__setitem__(section, values)
         path.write_text(yaml.safe_dump(j))
         with pytest.raises(ConfigError) as e:
             load_config(path)
@@ -187,6 +194,7 @@ def test_missing_or_unsupported_evaluation_is_a_clear_error(tiny_qwen3, data, tm
     assert "train.early_stopping_patience needs evaluations" in error(train={"early_stopping_patience": 2})
     assert "train.best_metric: 'loss' is not an evaluation metric" in error(train={"best_metric": "loss"})
     assert "train.best_mode" in error(train={"best_mode": "lowest"})
+    assert "export.best needs a best checkpoint" in error(export={"best": True})
     grpo = error(recipe="grpo", train={"eval_every": 2}, data={"eval_sources": [{"path": str(data[1])}]})
     assert "data.eval_sources: recipe 'grpo' has no evaluation during training" in grpo
     # a metric the evaluation does not produce, found at the first evaluation
