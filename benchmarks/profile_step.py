@@ -75,7 +75,7 @@ OPS = [
 ]
 
 
-def instrument(phase_times: dict) -> None:
+def instrument() -> None:
     """Open a named range around each engine call and decoder sub-module (wrapping from outside)."""
     step_cls, eng_cls = engine_mod.Step, engine_mod.Engine
     fwd, bwd, upd = eng_cls.forward, step_cls.backward, step_cls.update
@@ -140,8 +140,7 @@ def main() -> None:
         "compute": {"device": "cpu", "output_dir": str(tmp / "run"), "progress": False, "threads": a.threads},
         "export": {"enabled": False},
     })
-    phase_times: dict = {}
-    instrument(phase_times)
+    instrument()
     steps_done = {"n": 0, "t": []}
     prof = profile(activities=[ProfilerActivity.CPU], schedule=torch.profiler.schedule(wait=a.warmup - 1, warmup=1, active=a.steps),
                    record_shapes=False)
@@ -192,7 +191,7 @@ def main() -> None:
     phases["other (Python, metrics, logging)"] = wall - sum(phases.values())
     print(f"\nprofile of {a.steps} SFT steps (after {a.warmup} warm-up steps), demo model, packed skewed chats, "
           f"{a.budget}-token micro-batches, {torch.get_num_threads()} threads: {wall / a.steps * 1e3:.1f} ms/step\n")
-    print(f"| phase | ms/step | share |\n|---|---:|---:|")
+    print("| phase | ms/step | share |\n|---|---:|---:|")
     for k, v in phases.items():
         print(f"| {k} | {v / a.steps * 1e3:.1f} | {100 * v / wall:.1f}% |")
     ops: dict[str, float] = defaultdict(float)
@@ -208,7 +207,7 @@ def main() -> None:
                        if not any(re.search(rx, avg.key) for _, rx in OPS)
                        and not avg.key.startswith(("module: ", "ProfilerStep"))
                        and avg.key not in ("forward", "backward", "optimizer", "collectives", "data wait")), reverse=True)[:8]
-    print(f"\n| ops (self CPU time) | ms/step | share |\n|---|---:|---:|")
+    print("\n| ops (self CPU time) | ms/step | share |\n|---|---:|---:|")
     for k, _ in [*OPS, ("rest", "")]:
         print(f"| {k} | {ops[k] / a.steps * 1e3:.1f} | {100 * ops[k] / max(self_total, 1e-9):.1f}% |")
     print("\nlargest ops in 'rest': " + ", ".join(f"{k} {t / a.steps * 1e3:.1f} ms" for t, k in top_rest))
