@@ -159,6 +159,10 @@ class TrainConfig(Strict):
     keep_best: bool = Field(
         True, description="write a checkpoint at each evaluation that improves best_metric and keep it whatever "
         "compute.keep_checkpoints says (false: best.json names the best step, checkpoints follow compute.checkpoint_every)")
+    eval_suite: str | None = Field(
+        None, description="an evaluation suite file (`posttrain eval`, docs/eval.md) run on the current weights at every "
+        "evaluation, on worker 0; its metrics are logged as eval/<task>/<metric> (usable as best_metric) and its full "
+        "results written to <output_dir>/eval_suite/step_N")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations in a row without improving best_metric by more than "
         "early_stopping_min_delta (null: never); the run checkpoints, exports and ends normally")
@@ -244,12 +248,13 @@ class JobConfig(Strict):
     def _evaluation(self):
         """Evaluation during training needs held-out data and an interval, both or neither."""
         t, d = self.train, self.data
-        if t.eval_every is not None and not d.eval_sources:
-            raise ValueError("train.eval_every is set but data.eval_sources is not: name the held-out data to evaluate "
-                             "(data.eval_sources, like data.sources), or remove train.eval_every")
-        if d.eval_sources and t.eval_every is None:
-            raise ValueError("data.eval_sources is set but train.eval_every is not: set train.eval_every (optimizer steps "
-                             "between evaluations), or remove data.eval_sources")
+        if t.eval_every is not None and not d.eval_sources and not t.eval_suite:
+            raise ValueError("train.eval_every is set but neither data.eval_sources nor train.eval_suite is: name the held-out "
+                             "data to evaluate (data.eval_sources, like data.sources) or a suite file, or remove train.eval_every")
+        if (d.eval_sources or t.eval_suite) and t.eval_every is None:
+            which = "data.eval_sources" if d.eval_sources else "train.eval_suite"
+            raise ValueError(f"{which} is set but train.eval_every is not: set train.eval_every (optimizer steps "
+                             f"between evaluations), or remove {which}")
         if t.early_stopping_patience is not None and t.eval_every is None:
             raise ValueError("train.early_stopping_patience needs evaluations: set train.eval_every and data.eval_sources")
         if not t.best_metric.startswith("eval/"):
@@ -631,6 +636,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         checks.append(("model.tokenizer", lambda: check_model_source(cfg.model.tokenizer, key="model.tokenizer", revision=cfg.model.revision)))
     if cfg.model.chat_template:
         checks.append(("model.chat_template", lambda: read_chat_template(cfg.model.chat_template)))
+    if cfg.train.eval_suite:  # the suite file, its tasks and plugged-in scorers, now rather than at the first evaluation
+        def check_suite():
+            from .workflow.evaluate import training_suite
+
+            training_suite(cfg.train.eval_suite)
+
+        checks.append(("train.eval_suite", check_suite))
     # a recipe section naming other models (a teacher, a reference) lists them with `model_paths()`
     for field, value in (getattr(cfg.section, "model_paths", dict)() or {}).items():
         checks.append((f"{section}.{field}", lambda k=f"{section}.{field}", v=value: check_model_source(v, key=k)))

@@ -226,6 +226,10 @@ class Engine:
         # worker 0's values count (all workers then take the same best / early-stopping decisions);
         # logged as `eval/<name>` with the held-out loss
         self.eval_hooks: list[Callable[["Engine", int], dict[str, float]]] = []
+        if cfg.train.eval_suite:  # a suite on the current weights at every evaluation (worker 0)
+            from .evaluate import suite_hook
+
+            self.eval_hooks.append(suite_hook(cfg.train.eval_suite, self.out.root))
         self._held_out: list[dict] | None = None  # this rank's held-out micro-batches (CPU), read once
         self.best: Best | None = None
         self.stopped_early: str | None = None  # why the run stopped before train.steps (early stopping)
@@ -359,7 +363,9 @@ class Engine:
         then of every `eval_hooks` entry. Ranks run the same number of forwards (a sharded forward is
         a collective): one with fewer batches repeats its last one (or `spare`) and discards it."""
         t0 = time.perf_counter()
-        if self._held_out is None:
+        if eval_fn is None or not self.cfg.data.eval_sources:  # a suite alone (train.eval_suite)
+            eval_fn, self._held_out = None, []
+        elif self._held_out is None:
             self._held_out = self._read_held_out(encode)
         local = self._held_out
         n = int(all_reduce(len(local), "max"))
@@ -486,7 +492,7 @@ class Engine:
         metrics, then a checkpoint every compute.checkpoint_every steps, at a new best evaluation
         (train.keep_best) and when early stopping ends the run."""
         cfg = self.cfg
-        if cfg.train.eval_every and eval_fn is None:
+        if cfg.train.eval_every and eval_fn is None and cfg.data.eval_sources:
             raise ConfigError(f"train.eval_every: recipe {cfg.recipe!r} does not evaluate during training (it passes no "
                               "eval_fn to Engine.steps); remove train.eval_every and data.eval_sources")
         if cfg.train.eval_every:

@@ -605,3 +605,57 @@ def summary(results: dict) -> str:
                 + (" *" if c["significant"] else "") for c in block["comparisons"])
             out.append(f"  {metric:<24} {vals}" + (f"   {diffs}" if diffs else ""))
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- during training
+def training_suite(path: str) -> SuiteConfig:
+    """A suite for `train.eval_suite`: as `load_suite`, and with one model, so a preference task
+    needs a reference answer to be compared against (`reference_field`)."""
+    suite = load_suite(path)
+    for t in suite.tasks:
+        if t.kind == "preference" and t.reference_field is None:
+            raise ConfigError(f"train.eval_suite: {path}: task {t.name!r} compares against a baseline model, which training "
+                              "does not have; give it a reference_field (an answer in the records) or leave it out")
+    return suite
+
+
+def metric_names(suite: SuiteConfig) -> list[str]:
+    """`<task>/<metric>` of every metric the suite reports for one model, known before it runs."""
+    names = []
+    for i, t in enumerate(suite.tasks):
+        if t.kind == "likelihood":
+            metrics = ["loss", "perplexity"]
+        elif t.kind == "preference":
+            metrics = ["win_rate"]
+        else:
+            scorers = [build(s, key=f"tasks[{i}].scorers[{j}]")[0] for j, s in enumerate(t.scorers)]
+            metrics = [m for name in scorers for m in [name, *(f"{name}/pass@{k}" for k in t.pass_at)]]
+            metrics += ["completion_tokens", "truncated"]
+        names += [f"{t.name}/{m}" for m in metrics]
+    return names
+
+
+def suite_hook(path: str, run_dir: Path) -> Callable:
+    """An `Engine.eval_hooks` entry: the suite on the current weights (exported to
+    <run_dir>/eval_suite/model on worker 0; the gather is a collective), results kept per step in
+    <run_dir>/eval_suite/step_N, each metric returned as `<task>/<metric>`. Training's RNG state is
+    left as it was, so a run with the suite trains exactly as one without."""
+    suite = training_suite(path)
+    names = metric_names(suite)
+    root = Path(run_dir) / "eval_suite"
+
+    def hook(job, step: int) -> dict[str, float]:
+        from ..model.export import export_hf
+
+        model = job.unsharded()
+        if model is None:  # not worker 0: its values are not used
+            return {n: 0.0 for n in names}
+        model_dir = export_hf(model, job.tokenizer, root / "model", merge_lora=True)
+        with torch.random.fork_rng(devices=[job.device] if job.device.type == "cuda" else []):
+            res = evaluate(suite, [str(model_dir)], root / f"step_{step:08d}", log=lambda m: None)
+        label = res["baseline"]
+        values = {f"{t}/{m}": block["models"][label]["value"] for t, task in res["tasks"].items()
+                  for m, block in task["metrics"].items()}
+        return {n: float("nan") if values.get(n) is None else float(values[n]) for n in names}
+
+    return hook

@@ -32,7 +32,7 @@ def grpo_job(model_dir, prompts_file, out, steps=3, **sections):
     grpo = {"rewards": [{"fn": f"{HERE}:says_the"}, {"fn": f"{HERE}:matches", "weight": 0.5}],
             "prompts_per_step": 3, "group_size": 4, "sampling": {"max_new_tokens": 8}, "rollout": {"engine": "hf"},
             **sections.pop("grpo", {})}
-    job = job_dict(model_dir, prompts_file, out, recipe="grpo", train={"steps": steps, "lr": 3e-3}, **sections)
+    job = job_dict(model_dir, prompts_file, out, recipe="grpo", train={"steps": steps, "lr": 3e-3, **sections.pop("train", {})}, **sections)
     job["grpo"] = grpo
     return job
 
@@ -52,9 +52,17 @@ def metrics(run_dir):
 
 
 def test_grpo_with_hf_rollouts_runs_logs_and_exports(tiny_qwen3, prompts, tmp_path):
-    out = run_job(JobConfig.model_validate(grpo_job(tiny_qwen3, prompts, tmp_path / "r")))
+    suite = tmp_path / "suite.yaml"  # evaluation during RL: a suite scoring greedy answers with a reward function
+    suite.write_text(yaml.safe_dump({"device": "cpu", "tasks": [{
+        "name": "greedy", "kind": "generation", "data": {"sources": [{"path": str(prompts)}], "max_seq_len": 128},
+        "max_samples": 6, "sampling": {"temperature": 0, "max_new_tokens": 8},
+        "scorers": [{"kind": "function", "fn": f"{HERE}:says_the"}]}]}))
+    job = grpo_job(tiny_qwen3, prompts, tmp_path / "r", train={"steps": 3, "lr": 3e-3, "eval_every": 3, "eval_suite": str(suite),
+                                                               "best_metric": "eval/greedy/says_the", "best_mode": "max"})
+    out = run_job(JobConfig.model_validate(job))
     assert out["steps"] == 3 and (tmp_path / "r" / "hf" / "model.safetensors").exists()
     m = metrics(tmp_path / "r")
+    assert "eval/greedy/says_the" in m[-1] and 0 <= m[-1]["eval/greedy/says_the"] <= 1
     for key in ("reward/mean", "reward/std", "reward/says_the/mean", "reward/matches/mean", "reward/zero_variance_groups",
                 "completion/length_mean", "completion/length_max", "completion/truncated", "clip_fraction", "entropy",
                 "importance/weight_mean", "rollout/logp_diff_max", "time/generate_s", "time/reward_s", "time/train_s",

@@ -18,7 +18,7 @@ from posttrain.cli import run_job
 from posttrain.config import ConfigError, JobConfig
 from posttrain.data.records import RecordStats, encode_sft_record
 from posttrain.workflow import eval_stats, scorers
-from posttrain.workflow.evaluate import SuiteConfig, evaluate, load_suite
+from posttrain.workflow.evaluate import SuiteConfig, evaluate, load_suite, training_suite
 from posttrain.workflow.rewards import RewardError
 
 from conftest import DEMO_DATA, ROOT, job_dict, write_jsonl
@@ -291,3 +291,33 @@ def test_the_demo_suite_is_valid():
     suite = load_suite(ROOT / "examples" / "eval_demo.yaml")
     assert [t.kind for t in suite.tasks] == ["likelihood", "generation", "generation", "preference"]
     assert suite.tasks[2].scorers[0].fn == f"{ROOT / 'examples' / 'rewards.py'}:correct_answer"  # found next to the suite
+
+
+def test_a_suite_during_training_is_logged_equals_posttrain_eval_and_leaves_training_unchanged(tiny_qwen3, tmp_path):
+    """`train.eval_suite`: every evaluation runs the suite on the current weights; the last one equals
+    `posttrain eval` on the exported model, and the training losses equal a run without the suite."""
+    suite = suite_file(tmp_path, [likelihood_task(max_samples=12),
+                                  generation_task(max_samples=6, sampling={"temperature": 1.0, "max_new_tokens": 8})])
+    base = job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "plain", train={"steps": 4, "lr": 3e-3})
+    with_suite = job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "suite", train={"steps": 4, "lr": 3e-3, "eval_every": 2,
+                                                                           "eval_suite": str(suite), "best_metric": "eval/heldout/loss"})
+    plain = run_job(JobConfig.model_validate(base))
+    run = run_job(JobConfig.model_validate(with_suite))
+    assert run["losses"] == plain["losses"]  # the suite's sampling left training's RNG alone
+    rows = [json.loads(ln) for ln in (tmp_path / "suite" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/heldout/loss" in r}
+    assert sorted(evals) == [2, 4]
+    assert {"eval/answers/exact_match", "eval/answers/completion_tokens", "eval/heldout/perplexity"} <= set(evals[4])
+    assert evals[4]["eval/heldout/loss"] < evals[2]["eval/heldout/loss"]
+    res = evaluate(load_suite(suite), [str(tmp_path / "suite" / "hf")], tmp_path / "after", log=lambda m: None)
+    for name in ("heldout/loss", "answers/exact_match", "answers/completion_tokens"):
+        task, metric = name.split("/")
+        assert evals[4][f"eval/{name}"] == pytest.approx(res["tasks"][task]["metrics"][metric]["models"][res["baseline"]]["value"], rel=1e-5)
+    assert (tmp_path / "suite" / "eval_suite" / "step_00000004" / "results.json").exists()
+    assert json.loads((tmp_path / "suite" / "best.json").read_text())["step"] == 4
+    pref = suite_file(tmp_path, [{**generation_task(), "name": "p", "kind": "preference", "scorers": [],
+                                  "judge": f"{__file__}:odd_judge"}])
+    with pytest.raises(ConfigError, match="compares against a baseline model, which training does not have"):
+        training_suite(str(pref))
+    with pytest.raises(Exception, match="train.eval_suite is set but train.eval_every is not"):
+        JobConfig.model_validate(job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "x", train={"steps": 2, "eval_suite": str(suite)}))

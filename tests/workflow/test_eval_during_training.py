@@ -189,7 +189,7 @@ def test_missing_or_unsupported_evaluation_is_a_clear_error(tiny_qwen3, data, tm
         return str(e.value)
 
     assert error(train={"eval_every": 5}).startswith(f"{path}:")  # the line of the key
-    assert "train.eval_every is set but data.eval_sources is not" in error(train={"eval_every": 5})
+    assert "train.eval_every is set but neither data.eval_sources nor train.eval_suite is" in error(train={"eval_every": 5})
     assert "data.eval_sources is set but train.eval_every is not" in error(data={"eval_sources": [{"path": str(data[1])}]})
     assert "train.early_stopping_patience needs evaluations" in error(train={"early_stopping_patience": 2})
     assert "train.best_metric: 'loss' is not an evaluation metric" in error(train={"best_metric": "loss"})
