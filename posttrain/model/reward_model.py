@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_model_source
 
 
 class RewardModel:
@@ -22,6 +22,7 @@ class RewardModel:
                  batch_size: int = 16, key: str = "reward_model"):
         self.path, self.device, self.dtype, self.batch_size, self.key = str(path), torch.device(device), dtype, batch_size, key
         self.model = self.tokenizer = None
+        check_model_source(self.path, key=key)  # a path that cannot be there fails now, not at the first score
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -38,7 +38,7 @@ from ..workflow.rollout import EngineConfig, Sampling
 
 
 class Config(Strict):
-    rewards: list[RewardSpec] = Field(min_length=1, description="reward functions by import path, with weights")
+    rewards: list[RewardSpec] = Field(min_length=1, description="reward functions by import path (or reward models), with weights")
     reward_on_error: Literal["error", "zero"] = Field("error", description="a reward function that raises or returns a non-number: stop, or score 0 and count")
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per step (all workers together)")
     group_size: int = Field(8, ge=2, description="completions per prompt (G)")
@@ -64,7 +64,8 @@ class Config(Strict):
 
     def model_paths(self) -> dict[str, str]:
         """Model directories this section names (checked by `posttrain validate`)."""
-        return {} if self.reference in ("auto", "adapters", "copy") else {"reference": self.reference}
+        paths = {} if self.reference in ("auto", "adapters", "copy") else {"reference": self.reference}
+        return paths | {f"rewards[{i}].model": r.model for i, r in enumerate(self.rewards) if r.model}
 
     def ray_resources(self) -> dict[str, float]:
         """Ray resources beyond the policy workers: the engine's actor when placed apart."""
@@ -84,8 +85,9 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     job = Engine.setup(cfg, run_dir, updates_per_step=updates)
     lp = dict(vocab_size=job.vocab, temperature=c.sampling.temperature, chunk_tokens=cfg.model.loss_chunk_tokens)
     ref = job.frozen(("adapters" if cfg.model.lora else "copy") if c.reference == "auto" else c.reference) if c.beta else None
+    rewards = Rewards(c.rewards, on_error=c.reward_on_error, key="grpo.rewards", device=job.device, dtype=job.dtype)
     rollouts = Rollouts(job, prompts_per_step=c.prompts_per_step, group_size=c.group_size, sampling=c.sampling,
-                        engine=c.rollout, rewards=Rewards(c.rewards, on_error=c.reward_on_error, key="grpo.rewards"), scale_rewards=c.scale_rewards,
+                        engine=c.rollout, rewards=rewards, scale_rewards=c.scale_rewards,
                         mask_truncated=c.mask_truncated, filter_zero_variance=c.filter_zero_variance, minibatches=c.minibatches)
 
     for step in job.steps(rollouts):

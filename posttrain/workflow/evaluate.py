@@ -323,30 +323,12 @@ def _generate(task: TaskSpec, engine, tok, seed: int, index: int) -> TaskRun:
 def _judge_fn(task: TaskSpec, device: torch.device, dtype: torch.dtype) -> Callable:
     if task.judge:
         return resolve_import_path(task.judge, key=f"task {task.name!r}: judge")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from ..model.reward_model import RewardModel
 
-    try:
-        rm_tok = AutoTokenizer.from_pretrained(task.reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(task.reward_model, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"task {task.name!r}: reward_model: cannot load a sequence-classification model from "
-                          f"{task.reward_model!r}: {e}") from None
-    if rm.config.pad_token_id is None:
-        rm.config.pad_token_id = rm_tok.pad_token_id if rm_tok.pad_token_id is not None else rm_tok.eos_token_id
-
-    def score(prompts, completions) -> list[float]:
-        out = []
-        for p, c in zip(prompts, completions):
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-            msgs = msgs + [{"role": "assistant", "content": c}]
-            text = rm_tok.apply_chat_template(msgs, tokenize=False) if rm_tok.chat_template else "\n".join(m["content"] for m in msgs)
-            enc = rm_tok(text, return_tensors="pt", add_special_tokens=not rm_tok.chat_template).to(device)
-            with torch.no_grad():
-                out.append(float(rm(**enc).logits[0, 0]))
-        return out
+    rm = RewardModel(task.reward_model, device=device, dtype=dtype, batch_size=task.batch_size, key=f"task {task.name!r}: reward_model")
 
     def reward_model_judge(prompts, completions_a, completions_b, **_):
-        ra, rb = score(prompts, completions_a), score(prompts, completions_b)
+        ra, rb = rm.score(prompts, completions_a), rm.score(prompts, completions_b)
         return [1.0 if b > a else 0.0 if b < a else 0.5 for a, b in zip(ra, rb)]
 
     return reward_model_judge

@@ -9,6 +9,9 @@ completions. `async def` functions are awaited (all of a step's functions concur
 that raises, returns the wrong count or a non-number / NaN is an error naming it, or with
 `on_error: zero` scores 0 for the affected completions and is counted (`reward/<name>/errors`).
 `None` means "not applicable" and scores 0 without counting as an error.
+
+A reward can also be a reward model (`model: DIR`, model/reward_model.py): a sequence-classification
+model scoring prompt + completion, on the process that scores (the RL controller, worker 0).
 """
 
 from __future__ import annotations
@@ -23,15 +26,25 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import ConfigError, Strict, resolve_import_path
+from ..model.reward_model import RewardModel
 
 
 class RewardSpec(Strict):
-    fn: str = Field(description="import path of the function: module:fn or path/to/file.py:fn")
+    fn: str | None = Field(None, description="import path of the function: module:fn or path/to/file.py:fn")
+    model: str | None = Field(None, description="instead of fn: a reward model, a sequence-classification model dir "
+                              "(num_labels=1) scoring prompt + completion with its own chat template, run by the controller")
+    batch_size: int = Field(16, ge=1, description="model: completions scored per forward")
     weight: float = Field(1.0, description="its weight in the total reward")
-    name: str | None = Field(None, description="metric name (default: the function's name)")
+    name: str | None = Field(None, description="metric name (default: the function's name; reward_model for a model)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.fn is None) == (self.model is None):
+            raise ValueError("a reward needs exactly one of `fn` (a function) or `model` (a reward model dir)")
+        return self
 
 
 class RewardError(RuntimeError):
@@ -51,12 +64,17 @@ class Rewards:
     scorers); `what` names them in errors ("reward function", "scorer")."""
 
     def __init__(self, specs: list[RewardSpec] = (), *, on_error: Literal["error", "zero"] = "error", key: str = "rewards",
-                 functions: list[tuple[str, float, Callable]] = (), what: str = "reward function", on_error_key: str = "reward_on_error"):
+                 functions: list[tuple[str, float, Callable]] = (), what: str = "reward function", on_error_key: str = "reward_on_error",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if not specs and not functions:
             raise ConfigError(f"{key}: at least one {what} is needed")
         self.on_error, self.what, self.on_error_key = on_error, what, on_error_key
         self.fns: list[tuple[str, float, Callable]] = list(functions)
         for i, s in enumerate(specs):
+            if s.model is not None:  # loaded on its first call: only the scoring process holds it
+                fn = RewardModel(s.model, device=device, dtype=dtype, batch_size=s.batch_size, key=f"{key}[{i}].model")
+                self.fns.append((s.name or "reward_model", s.weight, fn))
+                continue
             fn = resolve_import_path(s.fn, key=f"{key}[{i}].fn")
             self.fns.append((s.name or getattr(fn, "__name__", f"reward_{i}"), s.weight, fn))
         names = [n for n, _, _ in self.fns]
@@ -84,6 +102,8 @@ class Rewards:
         for i, (name, _, fn) in enumerate(self.fns):
             try:
                 out = fn(**kwargs)
+            except ConfigError:  # a reward model that does not load: the job's mistake, never a zero reward
+                raise
             except Exception as e:  # noqa: BLE001 - reported with the function's name below
                 outs[i] = e
                 continue

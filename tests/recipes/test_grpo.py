@@ -57,13 +57,21 @@ def test_grpo_with_hf_rollouts_runs_logs_and_exports(tiny_qwen3, prompts, tmp_pa
         "name": "greedy", "kind": "generation", "data": {"sources": [{"path": str(prompts)}], "max_seq_len": 128},
         "max_samples": 6, "sampling": {"temperature": 0, "max_new_tokens": 8},
         "scorers": [{"kind": "function", "fn": f"{HERE}:says_the"}]}]}))
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_cfg = AutoConfig.from_pretrained(tiny_qwen3, num_labels=1)  # a reward model as a third reward (its scores:
+    AutoModelForSequenceClassification.from_config(rm_cfg).save_pretrained(tmp_path / "rm")  # tests/workflow/test_rewards.py)
+    AutoTokenizer.from_pretrained(tiny_qwen3).save_pretrained(tmp_path / "rm")
+    rewards = [{"fn": f"{HERE}:says_the"}, {"fn": f"{HERE}:matches", "weight": 0.5}, {"model": str(tmp_path / "rm"), "weight": 0.1}]
     job = grpo_job(tiny_qwen3, prompts, tmp_path / "r", train={"steps": 3, "lr": 3e-3, "eval_every": 3, "eval_suite": str(suite),
-                                                               "best_metric": "eval/greedy/says_the", "best_mode": "max"})
+                                                               "best_metric": "eval/greedy/says_the", "best_mode": "max"},
+                   grpo={"rewards": rewards})
     out = run_job(JobConfig.model_validate(job))
     assert out["steps"] == 3 and (tmp_path / "r" / "hf" / "model.safetensors").exists()
     m = metrics(tmp_path / "r")
     assert "eval/greedy/says_the" in m[-1] and 0 <= m[-1]["eval/greedy/says_the"] <= 1
-    for key in ("reward/mean", "reward/std", "reward/says_the/mean", "reward/matches/mean", "reward/zero_variance_groups",
+    for key in ("reward/mean", "reward/std", "reward/says_the/mean", "reward/matches/mean", "reward/reward_model/mean",
+                "reward/zero_variance_groups",
                 "completion/length_mean", "completion/length_max", "completion/truncated", "clip_fraction", "entropy",
                 "importance/weight_mean", "rollout/logp_diff_max", "time/generate_s", "time/reward_s", "time/train_s",
                 "time/sync_s", "generated_tokens_per_s"):

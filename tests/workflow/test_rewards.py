@@ -82,3 +82,36 @@ def test_bad_specs_are_config_errors():
         Rewards([RewardSpec(fn=f"{__name__}:missing")], key="grpo.rewards")
     with pytest.raises(ConfigError, match="share the name"):
         Rewards([spec("length_reward"), spec("length_reward")])
+
+
+def test_a_reward_model_scores_each_completion_as_its_own_forward(tiny_qwen3, tmp_path):
+    """`model: DIR`: a sequence-classification reward model; batched scores (right-padded, pooled at
+    the last real token) equal each conversation scored alone by the model's own forward."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_qwen3, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = ["Add 3 and 4.", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Spell moon."}], "Hi"]
+    completions = ["3 + 4 = 7.", "m-o-o-n.", "a much longer answer than the others, to make padding matter"]
+    r = Rewards([RewardSpec(model=str(tmp_path / "rm"), weight=2.0, batch_size=2)])
+    out = r(prompts, completions, [[1]] * 3, {})
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        msgs = ([{"role": "user", "content": p}] if isinstance(p, str) else p) + [{"role": "assistant", "content": c}]
+        ids = tok(tok.apply_chat_template(msgs, tokenize=False), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            alone = float(rm(**ids).logits[0, 0])
+        assert out.per_fn["reward_model"][i].item() == pytest.approx(alone, abs=1e-5)
+        assert out.total[i].item() == pytest.approx(2 * alone, abs=2e-5)
+    with pytest.raises(ValueError, match="exactly one of `fn`"):
+        RewardSpec(fn=f"{__name__}:length_reward", model=str(tmp_path / "rm"))
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].model: no such directory"):
+        Rewards([RewardSpec(model=str(tmp_path / "nope"))], key="grpo.rewards")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].model: cannot load a sequence-classification reward model"):
+        Rewards([RewardSpec(model=str(tmp_path / "empty"))], key="grpo.rewards", on_error="zero")(["p"], ["c"], [[1]], {})
