@@ -85,17 +85,26 @@ class _Zstd(io.RawIOBase):
         return n
 
 
+COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
+
+
 class Decompressed(io.RawIOBase):
-    """A `.gz` or `.zst` file, decompressed; truncation or corruption raises `CorruptFile` naming the
-    file and the compressed byte where it broke."""
+    """A `.gz`, `.zst`, `.bz2` or `.xz` file, decompressed (the stdlib's gzip/bz2/lzma readers, or
+    zstandard's); truncation or corruption raises `CorruptFile` naming the file and the compressed
+    byte where it broke."""
 
     def __init__(self, url: str, raw):
+        import bz2
         import gzip
+        import lzma
         import zlib
 
         self.url, self.raw = url, raw
-        self.inner = gzip.GzipFile(fileobj=raw, mode="rb") if url.lower().endswith(".gz") else _Zstd(raw)
-        corrupt: list[type] = [EOFError, zlib.error, gzip.BadGzipFile]
+        ext = url.lower().rsplit(".", 1)[-1]
+        self.kind = {"gz": "gzip", "zst": "zstd", "bz2": "bzip2", "xz": "xz"}[ext]
+        self.inner = {"gz": lambda: gzip.GzipFile(fileobj=raw, mode="rb"), "zst": lambda: _Zstd(raw),
+                      "bz2": lambda: bz2.BZ2File(raw, mode="rb"), "xz": lambda: lzma.LZMAFile(raw, mode="rb")}[ext]()
+        corrupt: list[type] = [EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError]
         try:
             import zstandard
 
@@ -111,12 +120,20 @@ class Decompressed(io.RawIOBase):
         try:
             return self.inner.readinto(b)
         except self.corrupt as e:
-            try:
-                at = f" near compressed byte {self.raw.tell()}"
-            except (OSError, ValueError, AttributeError):
-                at = ""
-            kind = "zstd" if isinstance(self.inner, _Zstd) else "gzip"
-            raise CorruptFile(self.url, f"the {kind} file is truncated or corrupt{at} ({type(e).__name__}: {e})") from None
+            raise self._corrupt(e) from None
+        except OSError as e:
+            # bz2's decompressor reports a damaged stream as a bare OSError("Invalid data stream"),
+            # without the errno that a failing read of the file itself carries
+            if self.kind == "bzip2" and e.errno is None:
+                raise self._corrupt(e) from None
+            raise
+
+    def _corrupt(self, e: BaseException) -> "CorruptFile":
+        try:
+            at = f" near compressed byte {self.raw.tell()}"
+        except (OSError, ValueError, AttributeError):
+            at = ""
+        return CorruptFile(self.url, f"the {self.kind} file is truncated or corrupt{at} ({type(e).__name__}: {e})")
 
     def close(self) -> None:
         if not self.closed:

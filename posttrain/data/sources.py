@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 
 from ..config import ConfigError
-from .layouts import LINE_KINDS, SUPPORTED, CorruptData, Decompressed, RawText, is_dataset_dir, kind_of, make_reader
+from .layouts import COMPRESSED, LINE_KINDS, SUPPORTED, CorruptData, Decompressed, RawText, is_dataset_dir, kind_of, make_reader
 
 RETRIES = 5
 BACKOFF_S = 0.2
@@ -140,7 +140,7 @@ class Source:
 
     def _open(self, url: str):
         def op():
-            if url.lower().endswith((".gz", ".zst")):  # our decompressor: a broken file is named, not retried
+            if url.lower().endswith(COMPRESSED):  # our decompressor: a broken file is named, not retried
                 return io.BufferedReader(Decompressed(url, fsspec.open(url, "rb", **self._fs_kwargs()).open()))
             f = fsspec.open(url, "rb", compression="infer", **self._fs_kwargs()).open()
             # zstd's decompression reader has read/readinto but no readline: buffer it

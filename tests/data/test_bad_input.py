@@ -122,10 +122,12 @@ def test_no_chat_template_is_fine_for_text(tmp_path, tok):
 
 # ------------------------------------------------------------------------ corrupt compressed files
 def _compress(kind: str, data: bytes) -> bytes:
-    if kind == "gz":
-        import gzip
+    import bz2
+    import gzip
+    import lzma
 
-        return gzip.compress(data)
+    if kind in ("gz", "bz2", "xz"):
+        return {"gz": gzip, "bz2": bz2, "xz": lzma}[kind].compress(data)
     zstandard = pytest.importorskip("zstandard")
     return zstandard.ZstdCompressor().compress(data)
 
@@ -141,7 +143,8 @@ def _broken(kind: str, how: str, n: int = 400) -> bytes:
     return bytes(bad)
 
 
-BROKEN = [(k, h) for k in ("gz", "zst") for h in ("truncated", "corrupt")]
+KINDS = ["gz", "zst", "bz2", "xz"]
+BROKEN = [(k, h) for k in KINDS for h in ("truncated", "corrupt")]
 
 
 @pytest.fixture
@@ -179,7 +182,7 @@ def test_broken_compressed_file_is_skipped_and_the_next_file_read(tmp_path, tok,
     assert len(samples) < 403  # the broken file's records after the break are not read
 
 
-@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_intact_compressed_files_read_in_full_across_windows(tmp_path, tok, kind):
     """Also several concatenated members / frames (pigz, zstd -T, `cat a.zst b.zst`)."""
     path = tmp_path / f"d.jsonl.{kind}"
@@ -394,7 +397,7 @@ def test_unknown_role_in_a_preference_pair(tmp_path, tok, policy):
     assert got.input_ids == want.input_ids and got.labels == want.labels
 
 
-@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_broken_compressed_json_array_names_the_file(tmp_path, tok, no_retry, kind):
     path = tmp_path / f"d.json.{kind}"
     blob = _compress(kind, json.dumps([{"text": f"record {i} " + "y" * 40} for i in range(400)]).encode())
