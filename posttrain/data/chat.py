@@ -20,6 +20,16 @@ Two ways to find the spans:
   renders the *last* assistant turn with an empty `<think></think>` and earlier ones without), the
   span runs from len(p) to the end-of-turn marker after the turn's content ("handled").
 
+`encode_turns` (`data.multi_turn: expand`) makes one sample per assistant turn k instead: the
+conversation up to turn k rendered as the template renders it when turn k is the last one (history
+rewritten as at inference: reasoning dropped, think blocks added, ...), training turn k only. It is
+the only correct option for templates that rewrite history. When even that render does not start
+with the generation prompt because the template moves text into the last prompt message (Mistral
+v3/Nemo put the system prompt into the last user turn, and only when it is the last message), the
+sample is the inference prompt `render(messages[:k], add_generation_prompt=True)` followed by the
+turn's text as the template renders it ("inference-render"); its prompt tokens are checked to be
+exactly the prompt's own tokens.
+
 Both are verified per assistant turn (content and any reasoning field inside the masked text, an
 end-of-turn special token present when the template writes one); any failure raises
 `ChatTemplateError` naming the problem. A silently wrong mask is never returned.
@@ -38,6 +48,7 @@ __all__ = [
     "EmptyMaskError",
     "Encoded",
     "encode_messages",
+    "encode_turns",
     "encode_prompt_completion",
     "encode_text",
 ]
@@ -45,6 +56,11 @@ __all__ = [
 
 class ChatTemplateError(ValueError):
     """The chat template cannot be trained on correctly (message names the problem and what to do)."""
+
+
+class _PromptNotPrefix(ChatTemplateError):
+    """Prefix-diff: the generation prompt is not a prefix of the render (history rewritten or text
+    moved into the last prompt message); one sample per assistant turn may still work."""
 
 
 class EmptyMaskError(ValueError):
@@ -133,8 +149,28 @@ def _encode_messages_traced(tokenizer, messages, *, tools=None, **template_kwarg
     return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
 
 
-def encode_prompt_completion(tokenizer, prompt, completion) -> Encoded:
-    """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational")."""
+def encode_turns(tokenizer, messages: list[dict], *, tools: list | None = None, **template_kwargs) -> list[Encoded]:
+    """One sample per assistant turn (`data.multi_turn: expand`): sample k is the conversation up to
+    assistant turn k rendered as at inference (the template rewrites the history as it does when turn
+    k is the last message), with only turn k trained. Turns with nothing to train (empty content) give
+    no sample; EmptyMaskError when no turn gives one."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs)
+
+
+def _encode_turns_traced(tokenizer, messages, *, tools=None, **template_kwargs) -> tuple[list[Encoded], list[str]]:
+    """encode_turns plus how each sample's span was found ("generation", "prefix-diff", "inference-render")."""
+    paths: list[str] = []
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
+
+
+def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False) -> Encoded | list[Encoded]:
+    """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational").
+    With `per_turn` (`data.multi_turn: expand`), a conversational pair gives a list: one sample per
+    assistant turn of the completion, as `encode_turns`."""
     if isinstance(prompt, str) and isinstance(completion, str):
         p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
@@ -149,6 +185,8 @@ def encode_prompt_completion(tokenizer, prompt, completion) -> Encoded:
         train = [i for i in range(len(prompt), len(messages)) if messages[i].get("role") == "assistant"]
         if not train:
             raise EmptyMaskError("sample has no assistant tokens to train on: the completion has no assistant message")
+        if per_turn:
+            return _encode_turns(tokenizer, messages, train, None, {})
         return _encode_chat(tokenizer, messages, train, None, {})
     raise TypeError("prompt and completion must both be strings or both be lists of messages")
 
@@ -177,12 +215,103 @@ def _render(tok, messages, tools, kw, *, add_generation_prompt=False) -> str:
     )
 
 
-def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> Encoded:
+def _check_kwargs(kw: dict) -> dict:
+    kw = dict(kw)
     for bad in ("add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
                 "return_assistant_tokens_mask"):
         if kw.get(bad):
             raise ValueError(f"encode_messages: {bad}=... is not allowed for training samples")
         kw.pop(bad, None)
+    return kw
+
+
+def _encode_turns(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> list[Encoded]:
+    kw = _check_kwargs(kw)
+    if not train:
+        raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
+    out = []
+    for k in train:
+        hows: list[str] = []
+        try:
+            enc = _encode_chat(tok, messages[: k + 1], [k], tools, kw, hows)
+        except _PromptNotPrefix as e:
+            enc = _inference_render(tok, _tok_info(tok), messages, k, tools, kw, e)
+            hows = ["inference-render"]
+        except EmptyMaskError:
+            continue  # an empty turn: nothing to train in its sample
+        out.append(enc)
+        if paths is not None:
+            paths.extend(hows)
+    if not out:
+        raise EmptyMaskError("sample has no assistant tokens to train on: every assistant turn is empty")
+    return out
+
+
+def _inference_render(tok, info: _TokInfo, messages: list[dict], k: int, tools, kw: dict,
+                      cause: ChatTemplateError) -> Encoded:  # cause: why prefix-diff refused the turn
+    """Assistant turn k as served: the generation prompt p = render(messages[:k], add_generation_prompt=True)
+    followed by the turn's text C as the template renders it at the end of q = render(messages[:k+1]).
+
+    Only for templates that put extra text into the last prompt message when it is the last one
+    (Mistral v3/Nemo: the system prompt): p = X + S + Y and q = X + Y + C, where X is the common
+    prefix, S the inserted text, and Y the rest of the prompt, which must hold the previous message's
+    whole content and a special token (the turn's header). Anything else (e.g. a generation prompt that
+    forces `<think>\n` the turn does not render) stays refused. The prompt must tokenize to exactly
+    the prompt's own ids (a clean token boundary), so the trained tokens follow the served prompt."""
+    p = _render(tok, messages[:k], tools, kw, add_generation_prompt=True)
+    q = _render(tok, messages[: k + 1], tools, kw)
+    prev = _content_texts(messages[k - 1]) if k > 0 else []
+    y = x = None
+    if prev and (pc := p.rfind(prev[0])) >= 0:
+        y0 = p[pc:]  # the previous message's content through the end of the generation prompt
+        i0 = q.rfind(y0)
+        if i0 >= 0 and _text_has_special(tok, info, y0):
+            n = 0  # extend Y back over what p and q share right before it
+            while n < min(pc, i0) and p[pc - n - 1] == q[i0 - n - 1]:
+                n += 1
+            if p.startswith(q[:i0 - n]) and pc - n > i0 - n:
+                x, y = i0 - n, p[pc - n:]
+    if y is None:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant turn {k} rendered as the last message does not continue the prompt "
+            f"rendered with add_generation_prompt=True ({p[-40:]!r} at the end of the prompt vs {q[-60:]!r} at the "
+            "end of the turn), so no sample is what the model sees when served: the generation prompt forces "
+            "text that the template does not render in this turn (e.g. an opening <think> while the turn has no "
+            "reasoning or the template strips reasoning from every turn, or an empty think block before a turn "
+            "with reasoning). Give the turn its reasoning in the form "
+            "the template renders, pass the template's switch for answers without reasoning (e.g. "
+            "enable_thinking=False), or use a template whose turns continue its generation prompt"
+        ) from cause
+    c = q[x + len(y):]  # p = X + S + Y, q = X + Y + C
+    text = p + c
+    try:
+        p_ids = list(tok.apply_chat_template(messages[:k], tools=tools, tokenize=True, return_dict=True,
+                                             add_generation_prompt=True, **kw)["input_ids"])
+    except Exception as e:
+        raise ChatTemplateError(f"template {info.name}: cannot render the prompt of assistant turn {k} "
+                                f"({type(e).__name__}: {e})") from e
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    c_ids = list(tok(c, add_special_tokens=False)["input_ids"])
+    if ids != p_ids + c_ids:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant turn {k}: the template moves text into the prompt at inference, and "
+            "the generation prompt followed by the turn does not tokenize to the prompt's own tokens plus the "
+            "turn's (a token straddles the end of the prompt), so the sample would not be what the model sees "
+            "when served"
+        ) from cause
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    a, b = len(p_ids), len(ids)
+    a, b, has_eot = _trim_to_eot(info, messages[k], text, ids, offsets, a, b)
+    _verify(info, messages[k], k, text, offsets, a, b, _text_has_special(tok, info, c), has_eot,
+            "generation prompt + turn as rendered last", prompt_given=True)
+    if b <= a:
+        raise EmptyMaskError("sample has no assistant tokens to train on: the assistant turn is empty")
+    return Encoded(ids, [0] * a + [1] * (b - a) + [0] * (len(ids) - b))
+
+
+def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> Encoded:
+    kw = _check_kwargs(kw)
     if not train:
         raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
     info = _tok_info(tok)
@@ -243,6 +372,20 @@ def _content_texts(message: dict) -> list[str]:
     return []
 
 
+_THINK_RE = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.S)
+
+
+def _think_parts(piece: str) -> list[str]:
+    """Content with an inline `<think>reasoning</think>answer` block: [reasoning, answer] stripped (a
+    template may re-render the block with its own whitespace, e.g. GLM-4.5 `<think>R</think>\nA`; both
+    parts must still be in the turn). Any other content: [] (no fallback)."""
+    m = _THINK_RE.match(piece)
+    if not m:
+        return []
+    parts = [t.strip() for t in m.groups() if t.strip()]
+    return parts if parts and "<think>" not in m.group(2) else []
+
+
 def _reasoning_texts(message: dict) -> list[str]:
     out = []
     for k in _REASONING_KEYS:
@@ -298,8 +441,21 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
     return a, specials[-1] + 1, True
 
 
+def _in_span(piece: str, full: str, start: int, end: int, prompt_given: bool) -> bool:
+    """`piece` lies in full[start:end]; or, with `prompt_given`, it starts in the generation prompt just
+    before the span and ends inside it: the template's generation prompt forces the piece's first
+    characters (QwQ, Qwen3.5/3.6 and Nemotron-3 end it with `<think>\n`, which the turn's content starts
+    with), so at inference they are given, not generated, and the rest is trained."""
+    if piece in full[start:end]:
+        return True
+    if not prompt_given:
+        return False
+    k = full.rfind(piece, max(0, start - len(piece)), end)
+    return 0 <= k < start < k + len(piece)
+
+
 def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int, b: int,
-            eot_expected: bool, has_eot: bool, how: str) -> None:
+            eot_expected: bool, has_eot: bool, how: str, prompt_given: bool = False) -> None:
     if b <= a:
         if _content_texts(message):
             raise ChatTemplateError(
@@ -307,20 +463,23 @@ def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int
                 "content; the template does not render this turn where expected"
             )
         return
-    text = full[offsets[a][0]:offsets[b - 1][1]]
+    start, end = offsets[a][0], offsets[b - 1][1]
     for piece in _content_texts(message):
-        if piece not in text:
+        if not _in_span(piece, full, start, end, prompt_given) and not all(
+                _in_span(part, full, start, end, prompt_given) for part in _think_parts(piece)):
             raise ChatTemplateError(
                 f"template {info.name}: the content of assistant turn {turn} does not appear in its masked span "
                 f"({how}); the template rewrites the turn (e.g. strips <think> reasoning from history or trims "
-                "content). Use one sample per assistant turn, or a template with {% generation %} markers"
+                "content). Use one sample per assistant turn (data.multi_turn: expand), or a template with "
+                "{% generation %} markers"
             )
     for piece in _reasoning_texts(message):
-        if piece not in text:
+        if not _in_span(piece, full, start, end, prompt_given):
             raise ChatTemplateError(
                 f"template {info.name}: the reasoning of assistant turn {turn} is dropped by the template "
                 f"({how}); training on it would teach the model to skip reasoning. Use one sample per "
-                "assistant turn (the template keeps reasoning for the last turn), or remove the reasoning field"
+                "assistant turn (data.multi_turn: expand) if the template keeps reasoning for the last turn, or "
+                "remove the reasoning field"
             )
     if eot_expected and not has_eot:
         raise ChatTemplateError(
@@ -354,11 +513,12 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                 "per assistant turn or a template with {% generation %} markers"
             ) from e
         if not full.startswith(p):
-            raise ChatTemplateError(
+            raise _PromptNotPrefix(
                 f"template {info.name}: the prompt rendered with add_generation_prompt=True is not a prefix of the "
                 f"conversation at assistant turn {i} (the template rewrites earlier turns or its generation "
                 "prompt differs from how it renders the turn in history, e.g. strips reasoning or moves the "
-                "system prompt); use one sample per assistant turn or a template with {% generation %} markers"
+                "system prompt); use one sample per assistant turn (data.multi_turn: expand) or a template with "
+                "{% generation %} markers"
             )
         if not q.startswith(p):
             raise ChatTemplateError(
@@ -380,7 +540,7 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                 raise ChatTemplateError(
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
                     "conversation (the template renders the turn differently when it is not the last one) and the "
-                    "turn has no text content to locate it; use one sample per assistant turn"
+                    "turn has no text content to locate it; use one sample per assistant turn (data.multi_turn: expand)"
                 )
             others = [t for j, m in enumerate(messages) if j != i for t in _content_texts(m)]
             end = _locate_turn_end(info, full, ids, offsets, start, pieces, others)
@@ -389,13 +549,13 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
                     "conversation and the turn's content cannot be found right after its generation prompt (the "
                     "template rewrites it in history, e.g. strips reasoning); use one sample per assistant turn "
-                    "or a template with {% generation %} markers"
+                    "(data.multi_turn: expand) or a template with {% generation %} markers"
                 )
             diff = full[start:end]
         a, b = _tokens_overlapping(offsets, start, end)
         a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
         eot_expected = _text_has_special(tok, info, diff)
-        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how)
+        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how, prompt_given=True)
         spans.append((a, b))
         hows.append(kind)
     return spans, hows
