@@ -36,34 +36,44 @@ def _cell(status: str, detail: str) -> str:
     return status
 
 
+COLS = ("single", "expand", "reasoning single", "reasoning expand")
+
+
+def row(name: str, base: Path) -> tuple[tuple[str, ...], str]:
+    single, sdetail = _run(conf.classify, name, base)
+    expand, edetail = _run(conf.classify_expand, name, base)
+    rsingle, _ = _run(conf.classify_reasoning, name, base)
+    msgs = conf.reasoning_conversation(conf.build_template_tokenizer(name, base))
+    rexpand, _ = _run(conf.classify_expand, name, base, msgs, must_train="I should recall it.") if msgs else ("does-not-render", "")
+    variant = sdetail.split(";")[0].split(":")[0]
+    how = sdetail.split("; ", 1)[1] if single in ("pass", "handled") else ""
+    why = [conf.EXPECTED_REFUSALS.get(name, "NOT IN EXPECTED_REFUSALS")] if single == "refused" else []
+    if expand == "refused":
+        why.append("per turn: " + conf.EXPECTED_EXPAND_REFUSALS.get(name, "NOT IN EXPECTED_EXPAND_REFUSALS"))
+    if rexpand == "refused":
+        why.append("reasoning per turn: " + conf.EXPECTED_REASONING_EXPAND_REFUSALS.get(name, "NOT EXPECTED"))
+    note = "; ".join([variant, *why]).replace("|", "\\|").replace("<", "&lt;").replace("\n", "\\n")
+    return (single, expand, rsingle, rexpand), f"| `{name}` | {_cell(single, how)} | {_cell(expand, edetail)} | {rsingle} | {rexpand} | {note} |"
+
+
 def main() -> None:
-    cols = ("single", "expand", "reasoning single", "reasoning expand")
-    counts = {c: Counter() for c in cols}
-    rows = []
+    counts = {c: Counter() for c in COLS}
+    head = ("| template | plain: single | plain: expand | reasoning: single | reasoning: expand | note |\n"
+            "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
-        base = Path(d)
+        print(head)
         for name in conf._template_names():
-            single, sdetail = _run(conf.classify, name, base)
-            expand, edetail = _run(conf.classify_expand, name, base)
-            rsingle, _ = _run(conf.classify_reasoning, name, base)
-            tok = conf.build_template_tokenizer(name, base)
-            msgs = conf.reasoning_conversation(tok)
-            rexpand, _ = _run(conf.classify_expand, name, base, msgs, must_train="I should recall it.") if msgs else ("does-not-render", "")
-            for c, st in zip(cols, (single, expand, rsingle, rexpand)):
+            statuses, line = row(name, Path(d))
+            for c, st in zip(COLS, statuses):
                 counts[c][st] += 1
-            variant = sdetail.split(";")[0].split(":")[0]
-            how = sdetail.split("; ", 1)[1] if single in ("pass", "handled") else ""
-            why = conf.EXPECTED_REFUSALS.get(name) or conf.EXPECTED_EXPAND_REFUSALS.get(name) or ""
-            if single == "refused" and name not in conf.EXPECTED_REFUSALS:
-                why = "NOT IN EXPECTED_REFUSALS"
-            note = "; ".join(x for x in (variant, why) if x).replace("|", "\\|").replace("<", "&lt;").replace("\n", "\\n")
-            rows.append(f"| `{name}` | {_cell(single, how)} | {_cell(expand, edetail)} | {rsingle} | {rexpand} | {note} |")
-    print("| template | plain: single | plain: expand | reasoning: single | reasoning: expand | note |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
-    for c in cols:
-        print(f"{c}: " + ", ".join(f"{k} {counts[c][k]}" for k in ("pass", "handled", "refused", "does-not-render", "WRONG") if counts[c][k]))
+            print(line)
+        print()
+        for c in COLS:
+            print(f"{c}: " + ", ".join(f"{k} {counts[c][k]}" for k in ("pass", "handled", "refused", "does-not-render", "WRONG") if counts[c][k]))
+        print()
+        print("| template with data.chat_template_kwargs | plain: single | plain: expand |\n|---|---|---|")
+        for name in conf.KWARG_VARIANTS:
+            print("|".join(row(name, Path(d))[1].split("|")[:4]) + "|")
 
 
 if __name__ == "__main__":

@@ -167,10 +167,11 @@ def _encode_turns_traced(tokenizer, messages, *, tools=None, **template_kwargs) 
     return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
 
 
-def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False) -> Encoded | list[Encoded]:
+def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False,
+                             **template_kwargs) -> Encoded | list[Encoded]:
     """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational").
     With `per_turn` (`data.multi_turn: expand`), a conversational pair gives a list: one sample per
-    assistant turn of the completion, as `encode_turns`."""
+    assistant turn of the completion, as `encode_turns`. `template_kwargs` go to the chat template."""
     if isinstance(prompt, str) and isinstance(completion, str):
         p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
@@ -186,8 +187,8 @@ def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = 
         if not train:
             raise EmptyMaskError("sample has no assistant tokens to train on: the completion has no assistant message")
         if per_turn:
-            return _encode_turns(tokenizer, messages, train, None, {})
-        return _encode_chat(tokenizer, messages, train, None, {})
+            return _encode_turns(tokenizer, messages, train, None, template_kwargs)
+        return _encode_chat(tokenizer, messages, train, None, template_kwargs)
     raise TypeError("prompt and completion must both be strings or both be lists of messages")
 
 
@@ -280,7 +281,7 @@ def _inference_render(tok, info: _TokInfo, messages: list[dict], k: int, tools, 
             "reasoning or the template strips reasoning from every turn, or an empty think block before a turn "
             "with reasoning). Give the turn its reasoning in the form "
             "the template renders, pass the template's switch for answers without reasoning (e.g. "
-            "enable_thinking=False), or use a template whose turns continue its generation prompt"
+            "data.chat_template_kwargs: {enable_thinking: false}), or use a template whose turns continue its generation prompt"
         ) from cause
     c = q[x + len(y):]  # p = X + S + Y, q = X + Y + C
     text = p + c

@@ -176,11 +176,13 @@ def _chat(tokenizer, multi_turn: str, single, per_turn):
 
 def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error", *,
                   max_tokens: int | None = None, stats: RecordStats | None = None,
-                  multi_turn: str = "single") -> Sample | list[Sample]:
+                  multi_turn: str = "single", template_kwargs: dict | None = None) -> Sample | list[Sample]:
     """One record -> Sample, or raise BadRecord naming the reason. With `max_tokens`, only what the
     first max_tokens tokens need of a long text / prompt / completion string is tokenized (counted
     in `stats.capped`); the tokens kept are the same. A conversation made into one sample per
-    assistant turn (`multi_turn` expand, or auto where needed) gives a list of Samples."""
+    assistant turn (`multi_turn` expand, or auto where needed) gives a list of Samples.
+    `template_kwargs` (data.chat_template_kwargs) go to every chat template render."""
+    kw = dict(template_kwargs or {})
     try:
         fmt, rec = normalize(rec, fmt)
     except FormatError as e:
@@ -193,8 +195,8 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 raise BadRecord(where, "wrong_type" if "messages" in rec else "missing_field", err)
             messages = apply_role_policy(rec["messages"], where, unknown_roles)
             tools = rec.get("tools")
-            enc = _chat(tokenizer, multi_turn, lambda: encode_messages(tokenizer, messages, tools=tools),
-                        lambda: encode_turns(tokenizer, messages, tools=tools))
+            enc = _chat(tokenizer, multi_turn, lambda: encode_messages(tokenizer, messages, tools=tools, **kw),
+                        lambda: encode_turns(tokenizer, messages, tools=tools, **kw))
         elif fmt == "prompt_completion":
             p, c = rec.get("prompt"), rec.get("completion")
             if p is None or c is None:
@@ -213,8 +215,8 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 if (cut_p or cut_c) and stats is not None:
                     stats.capped += 1
             if isinstance(p, list):
-                enc = _chat(tokenizer, multi_turn, lambda: encode_prompt_completion(tokenizer, p, c),
-                            lambda: encode_prompt_completion(tokenizer, p, c, per_turn=True))
+                enc = _chat(tokenizer, multi_turn, lambda: encode_prompt_completion(tokenizer, p, c, **kw),
+                            lambda: encode_prompt_completion(tokenizer, p, c, per_turn=True, **kw))
             else:
                 enc = encode_prompt_completion(tokenizer, p, c)
         else:
@@ -261,7 +263,7 @@ def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats
     max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
     capped = stats.capped
     out = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats,
-                        multi_turn=cfg.multi_turn)
+                        multi_turn=cfg.multi_turn, template_kwargs=cfg.chat_template_kwargs)
     if stats.capped > capped and cfg.overlong == "drop":  # its full length was never counted
         raise BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
     if not isinstance(out, list):

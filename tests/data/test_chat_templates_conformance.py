@@ -85,16 +85,25 @@ def _sources() -> dict[str, dict]:
     return out
 
 
+# "<template>+<kwarg>=<value>": the template rendered with that template kwarg set, as
+# data.chat_template_kwargs passes it (a `set` in front of the template, which these templates honour)
+KWARG_VARIANTS = {
+    f"{n}+enable_thinking=false": (n, "{%- set enable_thinking = false %}")
+    for n in ("trl_nemotron_3_nano", "trl_nemotron_3_super", "trl_nemotron_3_ultra")
+}
+
+
 def build_template_tokenizer(name: str, base: Path):
     from transformers import AutoTokenizer
 
     from posttrain.tiny import build_tokenizer
 
-    src = _sources()[name]
+    file, prefix = KWARG_VARIANTS.get(name, (name, ""))
+    src = _sources()[file]
     out = base / name
     if not (out / "tokenizer_config.json").is_file():
         build_tokenizer(
-            out, chat_template=(TEMPLATES_DIR / f"{name}.jinja").read_text(), bos=src["bos"], eos=src["eos"],
+            out, chat_template=prefix + (TEMPLATES_DIR / f"{file}.jinja").read_text(), bos=src["bos"], eos=src["eos"],
             pad=src["pad"], unk=src["unk"], special_tokens=src["markers"] + src["other"], corpus=_CORPUS,
             vocab_size=320,
         )
@@ -193,7 +202,7 @@ def classify(name: str, base: Path) -> tuple[str, str]:
     variant, msgs, text = render_conversation(tok)
     if variant is None:
         return "does-not-render", text
-    src = _sources()[name]
+    src = _sources()[KWARG_VARIANTS.get(name, (name,))[0]]
     markers = set(src["markers"]) | {t for t in (src["eos"], src["bos"]) if t} | set(src["other"])
     try:
         enc, paths = _encode_messages_traced(tok, msgs)
@@ -254,7 +263,7 @@ def classify_expand(name: str, base: Path, msgs=None, answers=(ANSWER1, ANSWER2)
         variant, msgs, _ = render_conversation(tok)
         if variant is None:
             return "does-not-render", ""
-    src = _sources()[name]
+    src = _sources()[KWARG_VARIANTS.get(name, (name,))[0]]
     markers = set(src["markers"]) | {t for t in (src["eos"], src["bos"]) if t} | set(src["other"])
     try:
         encs, paths = _encode_turns_traced(tok, msgs)
@@ -286,14 +295,13 @@ EXPECTED_REFUSALS.update({
 })
 
 
-_NO_THINK = "the generation prompt forces an opening <think>, but the template renders an answer without reasoning "
+_FORCED = "but the generation prompt forces an opening <think>: no render is what is served"
 EXPECTED_EXPAND_REFUSALS: dict[str, str] = {
-    "qwq_32b": _NO_THINK + "without any <think>: no render is what is served",
-    "deepseek_r1_distill": _NO_THINK + "without any <think> (it strips reasoning from every turn)",
-    "deepseek_v3": _NO_THINK + "without any <think> (it strips reasoning from every turn)",
-    "trl_nemotron_3_nano": _NO_THINK + "as <think></think>; enable_thinking=False makes its prompt match",
-    "trl_nemotron_3_super": _NO_THINK + "as <think></think>; enable_thinking=False makes its prompt match",
-    "trl_nemotron_3_ultra": _NO_THINK + "as <think></think>; enable_thinking=False makes its prompt match",
+    "qwq_32b": "answers without reasoning render with no <think>, " + _FORCED,
+    "deepseek_r1_distill": "answers render with no <think> (reasoning is stripped from every turn), " + _FORCED,
+    "deepseek_v3": "answers render with no <think> (reasoning is stripped from every turn), " + _FORCED,
+    **{n: "answers without reasoning render as <think></think>, " + _FORCED + "; with enable_thinking=false both match"
+       for n in ("trl_nemotron_3_nano", "trl_nemotron_3_super", "trl_nemotron_3_ultra")},
     "trl_glm4moe": "no end-of-turn token after assistant turns; would never learn to stop",
 }
 
@@ -315,6 +323,14 @@ def test_template_conformance(name, template_tok_dir):
         )
     else:
         assert status in ("pass", "handled"), f"{name} regressed to {status}: {detail}"
+
+
+@pytest.mark.parametrize("name", list(KWARG_VARIANTS))
+def test_template_kwarg_variants(name, template_tok_dir):
+    """Nemotron-3 with enable_thinking=false (data.chat_template_kwargs): its generation prompt then
+    matches how it renders answers without reasoning, so both modes train the plain conversation."""
+    assert classify(name, template_tok_dir)[0] == "pass"
+    assert classify_expand(name, template_tok_dir)[0] == "pass"
 
 
 @pytest.mark.parametrize("name", _template_names())

@@ -131,3 +131,36 @@ def test_exact_resume_inside_an_expanded_record(tmp_path, tok, background):
             assert a.keys() == b.keys()
             for k in a:
                 assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+# Nemotron-3 style: the generation prompt opens <think> unless enable_thinking is false; an answer
+# without reasoning renders as <think></think>answer.
+THINK_SWITCH = (
+    "{%- set enable_thinking = enable_thinking if enable_thinking is defined else true %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and '<think>' not in m.content %}<think></think>{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking %}<think>\n{% else %}<think></think>{% endif %}{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_every_render(tmp_path, tiny_qwen3):
+    from posttrain.data.pairs import encode_pair_record
+    from posttrain.data.prompts import make_prompt_encoder
+    from posttrain.data.records import RecordStats
+
+    tok = load_tokenizer(ModelConfig(path=str(tiny_qwen3), chat_template=THINK_SWITCH))
+    path = write_jsonl(tmp_path / "d.jsonl", [conv(4, think=False)])
+    for mode in ("single", "expand"):  # a forced <think> the answers do not have: nothing is what is served
+        with pytest.raises(BadRecord, match="enable_thinking: false"):
+            load_samples(cfg(path, multi_turn=mode), tok)
+    off = {"enable_thinking": False}
+    samples, _ = load_samples(cfg(path, chat_template_kwargs=off), tok)
+    assert [trained(tok, s) for s in samples] == ["It is 4.<|im_end|>It is 5.<|im_end|>"]
+    samples, _ = load_samples(cfg(path, multi_turn="expand", chat_template_kwargs=off), tok)
+    assert [trained(tok, s) for s in samples] == ["It is 4.<|im_end|>", "It is 5.<|im_end|>"]
+    c = cfg(path, chat_template_kwargs=off)
+    prompt = make_prompt_encoder(1000)(tok, {"prompt": "Add 1 and 2."}, "x:1", c, RecordStats())
+    assert tok.decode(prompt.ids).endswith("assistant\n<think></think>")
+    pair = encode_pair_record(tok, {"prompt": "Add 1 and 2.", "chosen": "3", "rejected": "4"}, "x:1", c, RecordStats())
+    assert tok.decode(pair.input_ids).count("<think></think>3<|im_end|>") == 1
