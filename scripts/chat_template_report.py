@@ -53,13 +53,19 @@ def row(name: str, base: Path) -> tuple[tuple[str, ...], str]:
     if rexpand == "refused":
         why.append("reasoning per turn: " + conf.EXPECTED_REASONING_EXPAND_REFUSALS.get(name, "NOT EXPECTED"))
     note = "; ".join([variant, *why]).replace("|", "\\|").replace("<", "&lt;").replace("\n", "\\n")
-    return (single, expand, rsingle, rexpand), f"| `{name}` | {_cell(single, how)} | {_cell(expand, edetail)} | {rsingle} | {rexpand} | {note} |"
+
+    def mode(one: str, per_turn: str) -> str:  # the data.multi_turn that trains it
+        return "single" if one in ("pass", "handled") else "expand" if per_turn == "pass" else "none"
+
+    use = f"{mode(single, expand)} / {mode(rsingle, rexpand)}"
+    return ((single, expand, rsingle, rexpand),
+            f"| `{name}` | {use} | {_cell(single, how)} | {_cell(expand, edetail)} | {rsingle} | {rexpand} | {note} |")
 
 
 def main() -> None:
     counts = {c: Counter() for c in COLS}
-    head = ("| template | plain: single | plain: expand | reasoning: single | reasoning: expand | note |\n"
-            "|---|---|---|---|---|---|")
+    head = ("| template | data.multi_turn (plain / reasoning) | plain: single | plain: expand | reasoning: single | "
+            "reasoning: expand | note |\n|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         print(head)
         for name in conf._template_names():
@@ -73,7 +79,8 @@ def main() -> None:
         print()
         print("| template with data.chat_template_kwargs | plain: single | plain: expand |\n|---|---|---|")
         for name in conf.KWARG_VARIANTS:
-            print("|".join(row(name, Path(d))[1].split("|")[:4]) + "|")
+            cells = row(name, Path(d))[1].split("|")
+            print("|".join([cells[0], cells[1], cells[3], cells[4], ""]))
 
 
 if __name__ == "__main__":
