@@ -428,9 +428,12 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
     content_end = None
     pos = text_start
     for piece in _content_texts(message) + _reasoning_texts(message):
-        k = full.find(piece, text_start, text_end)
-        if k >= 0:
-            content_end = max(content_end or 0, k + len(piece))
+        # the piece in the span, or starting in the generation prompt just before it (forced text), or
+        # its think block's reasoning and answer (re-rendered by the template)
+        for part in [piece, *_think_parts(piece)]:
+            k = full.find(part, max(0, text_start - len(part)), text_end)
+            if k >= 0 and k + len(part) > text_start:
+                content_end = max(content_end or 0, k + len(part))
     if content_end is not None:
         pos = content_end
         after = [t for t in specials if offsets[t][0] >= pos]
