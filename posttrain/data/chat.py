@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -63,6 +63,10 @@ class _PromptNotPrefix(ChatTemplateError):
     moved into the last prompt message); one sample per assistant turn may still work."""
 
 
+class _NoCap(Exception):
+    """The capped path cannot decide a turn from the tokenized prefix alone: use the full render."""
+
+
 class EmptyMaskError(ValueError):
     """The sample has no trainable token (no assistant turn, empty completion, ...)."""
 
@@ -71,6 +75,9 @@ class EmptyMaskError(ValueError):
 class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # 1 = token i is a training target (labels[i] = input_ids[i]), 0 = not
+    # only a prefix of the render was tokenized (max_tokens): the first max_tokens ids and their mask
+    # are those of the whole render; the ids after them are not, and must be cut (records.fit_length)
+    capped: bool = field(default=False, compare=False)
 
 
 # Names of end-of-turn markers of public chat models. Only used to pick the end-of-turn token when a
@@ -90,6 +97,7 @@ class _TokInfo:
     special_ids: frozenset[int]
     eot_ids: frozenset[int]
     name: str
+    special_strs: tuple[str, ...] = ()  # their text, for checks on text that is not tokenized (capped)
 
 
 _CACHE: dict[int, tuple[Any, Any, _TokInfo]] = {}
@@ -110,7 +118,8 @@ def _tok_info(tok) -> _TokInfo:
     if tok.eos_token_id is not None:
         eot.add(tok.eos_token_id)
     name = str(getattr(tok, "name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or "<unnamed>"
-    info = _TokInfo(frozenset(special), frozenset(eot), name)
+    strs = tuple(t for t in tok.convert_ids_to_tokens(sorted(special)) if t)
+    info = _TokInfo(frozenset(special), frozenset(eot), name, strs)
     try:
         ref = weakref.ref(tok)
     except TypeError:  # pragma: no cover - tokenizers are weak-referenceable
@@ -133,12 +142,18 @@ def _has_generation(tok, tools) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_messages(tokenizer, messages: list[dict], *, tools: list | None = None, **template_kwargs) -> Encoded:
-    """Render `messages` with the tokenizer's chat template; mask = assistant answers + end-of-turn."""
+def encode_messages(tokenizer, messages: list[dict], *, tools: list | None = None, max_tokens: int | None = None,
+                    **template_kwargs) -> Encoded:
+    """Render `messages` with the tokenizer's chat template; mask = assistant answers + end-of-turn.
+
+    With `max_tokens`, a render far longer than that is tokenized only as far as its first max_tokens
+    tokens need (plus a margin; `Encoded.capped`), for templates without {% generation %}: those ids
+    and their mask are exactly the full render's, the ids after them are not and must be cut. Turns
+    that start past the tokenized prefix are neither trained nor checked (they would be truncated)."""
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
     train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs)
+    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs, max_tokens=max_tokens)
 
 
 def _encode_messages_traced(tokenizer, messages, *, tools=None, **template_kwargs) -> tuple[Encoded, list[str]]:
@@ -167,11 +182,12 @@ def _encode_turns_traced(tokenizer, messages, *, tools=None, **template_kwargs) 
     return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
 
 
-def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False,
+def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False, max_tokens: int | None = None,
                              **template_kwargs) -> Encoded | list[Encoded]:
     """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational").
     With `per_turn` (`data.multi_turn: expand`), a conversational pair gives a list: one sample per
-    assistant turn of the completion, as `encode_turns`. `template_kwargs` go to the chat template."""
+    assistant turn of the completion, as `encode_turns`. `template_kwargs` go to the chat template;
+    `max_tokens` caps the tokenization of a conversational pair as in `encode_messages`."""
     if isinstance(prompt, str) and isinstance(completion, str):
         p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
@@ -188,7 +204,7 @@ def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = 
             raise EmptyMaskError("sample has no assistant tokens to train on: the completion has no assistant message")
         if per_turn:
             return _encode_turns(tokenizer, messages, train, None, template_kwargs)
-        return _encode_chat(tokenizer, messages, train, None, template_kwargs)
+        return _encode_chat(tokenizer, messages, train, None, template_kwargs, max_tokens=max_tokens)
     raise TypeError("prompt and completion must both be strings or both be lists of messages")
 
 
@@ -311,12 +327,27 @@ def _inference_render(tok, info: _TokInfo, messages: list[dict], k: int, tools, 
     return Encoded(ids, [0] * a + [1] * (b - a) + [0] * (len(ids) - b))
 
 
-def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> Encoded:
+def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None,
+                 max_tokens: int | None = None) -> Encoded:
     kw = _check_kwargs(kw)
     if not train:
         raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
     info = _tok_info(tok)
     gen = _has_generation(tok, tools)
+    if max_tokens is not None and not gen:
+        try:
+            full = _render(tok, messages, tools, kw)
+        except Exception:  # noqa: BLE001 - reported with its context by the full path below
+            full = None
+        if full is not None:
+            from .records import cap_text  # records imports this module
+
+            prefix, cut = cap_text(tok, full, max_tokens, add_special_tokens=False)
+            if cut:
+                try:
+                    return _encode_capped(tok, info, messages, train, tools, kw, full, prefix, paths)
+                except _NoCap:
+                    pass
 
     try:
         full = _render(tok, messages, tools, kw)
@@ -360,6 +391,62 @@ def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, p
     if not any(mask):
         raise EmptyMaskError("sample has no assistant tokens to train on: every assistant turn is empty")
     return Encoded(ids, mask)
+
+
+def _encode_capped(tok, info, messages, train, tools, kw, full: str, prefix: str, paths) -> Encoded:
+    """prefix-diff masking of `full` with only `prefix` tokenized (see encode_messages' max_tokens)."""
+    enc = tok(prefix, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    spans, hows = _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut=len(prefix))
+    if paths is not None:
+        paths.extend(hows)
+    mask = [0] * len(ids)
+    for a, b in spans:
+        for t in range(a, b):
+            mask[t] = 1
+    if not any(mask):
+        err = EmptyMaskError("sample has no assistant tokens to train on: no assistant turn starts within the "
+                             "tokens kept (data.max_seq_len)")
+        err.capped = True  # counted like a capped sample
+        raise err
+    return Encoded(ids, mask, capped=True)
+
+
+def _content_end(info, message: dict, full: str, start: int, end: int) -> int:
+    """End char of the turn's content in full[start:end] (as _verify accepts it: in the span, starting
+    in the generation prompt, or as think-block parts), checked without tokens for a turn that is not
+    (wholly) tokenized: _NoCap when the content is missing or no special token text follows it (an
+    end-of-turn marker), so that the full path, not the cap, decides whether the turn is refused."""
+    ends = []
+    def find(part: str) -> int | None:
+        k = full.find(part, max(0, start - len(part)), end)
+        return k + len(part) if k >= 0 and k + len(part) > start else None
+
+    for piece in _content_texts(message) + _reasoning_texts(message):
+        got = find(piece)
+        if got is None and (parts := _think_parts(piece)) and None not in (got_parts := [find(t) for t in parts]):
+            got = max(got_parts)
+        if got is None:
+            raise _NoCap  # the full path reports the turn
+        ends.append(got)
+    if not ends:
+        raise _NoCap
+    content_end = max(ends)
+    if not any(sp in full[content_end:end] for sp in info.special_strs):
+        raise _NoCap
+    return content_end
+
+
+def _cut_turn(info, message: dict, full: str, ids, offsets, start: int, end: int) -> tuple[int, int] | None:
+    """A turn [start, end) of `full` that runs past the tokenized prefix: None when its end-of-turn
+    marker (the first special token after its content) is inside the prefix, so the normal trim sees
+    exactly what it sees on the full render; else the span from its first token to the prefix's end
+    (every token up to the marker is trained)."""
+    content_end = _content_end(info, message, full, start, end)
+    a, _ = _tokens_overlapping(offsets, start, end)
+    if any(ids[t] in info.special_ids and offsets[t][0] >= content_end for t in range(a, len(ids))):
+        return None
+    return a, len(ids)
 
 
 def _content_texts(message: dict) -> list[str]:
@@ -499,7 +586,8 @@ def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int
         )
 
 
-def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> list[tuple[int, int]]:
+def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut: int | None = None):
+    """Spans and how each was found. With `cut`, ids/offsets cover only full[:cut] (capped)."""
     spans, hows = [], []
     for i in train:
         if i == 0:
@@ -546,8 +634,13 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                     "conversation (the template renders the turn differently when it is not the last one) and the "
                     "turn has no text content to locate it; use one sample per assistant turn (data.multi_turn: expand)"
                 )
+            if cut is not None and start >= cut:
+                _content_end(info, messages[i], full, start, len(full))  # past the tokenized prefix: not trained
+                continue
             others = [t for j, m in enumerate(messages) if j != i for t in _content_texts(m)]
             end = _locate_turn_end(info, full, ids, offsets, start, pieces, others)
+            if end is None and cut is not None:
+                raise _NoCap
             if end is None:
                 raise ChatTemplateError(
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
@@ -556,6 +649,13 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                     "(data.multi_turn: expand) or a template with {% generation %} markers"
                 )
             diff = full[start:end]
+        if cut is not None and start >= cut:
+            _content_end(info, messages[i], full, start, end)  # past the tokenized prefix: not trained
+            continue
+        if cut is not None and end > cut and (span := _cut_turn(info, messages[i], full, ids, offsets, start, end)):
+            spans.append(span)
+            hows.append(kind)
+            continue
         a, b = _tokens_overlapping(offsets, start, end)
         a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
         eot_expected = _text_has_special(tok, info, diff)

@@ -178,7 +178,8 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                   max_tokens: int | None = None, stats: RecordStats | None = None,
                   multi_turn: str = "single", template_kwargs: dict | None = None) -> Sample | list[Sample]:
     """One record -> Sample, or raise BadRecord naming the reason. With `max_tokens`, only what the
-    first max_tokens tokens need of a long text / prompt / completion string is tokenized (counted
+    first max_tokens tokens need of a long text / prompt / completion string, or of a conversation's
+    render (one sample per conversation, templates without {% generation %}), is tokenized (counted
     in `stats.capped`); the tokens kept are the same. A conversation made into one sample per
     assistant turn (`multi_turn` expand, or auto where needed) gives a list of Samples.
     `template_kwargs` (data.chat_template_kwargs) go to every chat template render."""
@@ -195,7 +196,8 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 raise BadRecord(where, "wrong_type" if "messages" in rec else "missing_field", err)
             messages = apply_role_policy(rec["messages"], where, unknown_roles)
             tools = rec.get("tools")
-            enc = _chat(tokenizer, multi_turn, lambda: encode_messages(tokenizer, messages, tools=tools, **kw),
+            enc = _chat(tokenizer, multi_turn,
+                        lambda: encode_messages(tokenizer, messages, tools=tools, max_tokens=max_tokens, **kw),
                         lambda: encode_turns(tokenizer, messages, tools=tools, **kw))
         elif fmt == "prompt_completion":
             p, c = rec.get("prompt"), rec.get("completion")
@@ -215,7 +217,7 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 if (cut_p or cut_c) and stats is not None:
                     stats.capped += 1
             if isinstance(p, list):
-                enc = _chat(tokenizer, multi_turn, lambda: encode_prompt_completion(tokenizer, p, c, **kw),
+                enc = _chat(tokenizer, multi_turn, lambda: encode_prompt_completion(tokenizer, p, c, max_tokens=max_tokens, **kw),
                             lambda: encode_prompt_completion(tokenizer, p, c, per_turn=True, **kw))
             else:
                 enc = encode_prompt_completion(tokenizer, p, c)
@@ -227,11 +229,15 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 stats.capped += 1
             enc = encode_text(tokenizer, text)
     except EmptyMaskError as e:
+        if getattr(e, "capped", False) and stats is not None:
+            stats.capped += 1
         raise BadRecord(where, "empty_mask", f"nothing to train on: {e}") from e
     except ChatTemplateError as e:
         raise BadRecord(where, "template", str(e)) from e
     if isinstance(enc, list):
         return [_sample(e, where) for e in enc]
+    if enc.capped and stats is not None:
+        stats.capped += 1
     return _sample(enc, where)
 
 
@@ -262,10 +268,16 @@ def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats
     truncated; a record left with no sample is a bad record (overlong / empty_mask)."""
     max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
     capped = stats.capped
-    out = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats,
-                        multi_turn=cfg.multi_turn, template_kwargs=cfg.chat_template_kwargs)
+    too_long = BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
+    try:
+        out = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats,
+                            multi_turn=cfg.multi_turn, template_kwargs=cfg.chat_template_kwargs)
+    except BadRecord as bad:  # e.g. capped with no assistant turn in the tokens kept: overlong comes first
+        if stats.capped > capped and cfg.overlong == "drop":
+            raise too_long from bad
+        raise
     if stats.capped > capped and cfg.overlong == "drop":  # its full length was never counted
-        raise BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
+        raise too_long
     if not isinstance(out, list):
         return fit_length(out, max_len, cfg.overlong, stats)
     kept, lost, first_bad = [], False, None

@@ -37,6 +37,7 @@ if not (TEMPLATES_DIR / "SOURCES.md").is_file():
 
 from posttrain.data.chat import (  # noqa: E402
     ChatTemplateError,
+    EmptyMaskError,
     _encode_messages_traced,
     _encode_turns_traced,
     encode_messages,
@@ -426,3 +427,35 @@ def test_template_reasoning_per_turn(name, template_tok_dir):
         assert status == "refused", f"{name} is expected to be refused ({EXPECTED_REASONING_EXPAND_REFUSALS[name]})"
     else:
         assert status == "pass", f"{name} is refused per turn on the reasoning conversation: {detail}"
+
+
+LONG = " ".join(["the answer is 42, café 東京 (a+b) don't"] * 60)
+
+
+@pytest.mark.parametrize("name", _template_names())
+def test_template_capped_tokenization_keeps_the_full_render_tokens(name, template_tok_dir):
+    """encode_messages(max_tokens=n) tokenizes only a prefix of a long render: its first n ids and mask
+    equal those of the whole render, and it refuses exactly when the whole render is refused."""
+    tok = build_template_tokenizer(name, template_tok_dir)
+    variant, msgs, _ = render_conversation(tok)
+    if variant is None:
+        pytest.skip(f"{name} does not render the test conversation")
+    for where in (2, 3, 4):  # a long first answer, second question, second answer
+        long_msgs = [dict(m) for m in msgs]
+        i = [j for j, m in enumerate(long_msgs) if m["role"] != "system"][where - 1]
+        c = long_msgs[i]["content"]
+        long_msgs[i]["content"] = c + " " + LONG if isinstance(c, str) else [{"type": "text", "text": c[0]["text"] + " " + LONG}]
+        try:
+            full = encode_messages(tok, long_msgs)
+        except ChatTemplateError:
+            with pytest.raises(ChatTemplateError):
+                encode_messages(tok, long_msgs, max_tokens=24)
+            continue
+        for n in (24, 60, 150):
+            try:
+                capped = encode_messages(tok, long_msgs, max_tokens=n)
+            except EmptyMaskError:
+                assert not any(full.loss_mask[1:n]), (where, n)
+                continue
+            assert capped.input_ids[:n] == full.input_ids[:n], (where, n)
+            assert capped.loss_mask[:n] == full.loss_mask[:n], (where, n)
