@@ -418,14 +418,11 @@ def _content_end(info, message: dict, full: str, start: int, end: int) -> int:
     (wholly) tokenized: _NoCap when the content is missing or no special token text follows it (an
     end-of-turn marker), so that the full path, not the cap, decides whether the turn is refused."""
     ends = []
-    def find(part: str) -> int | None:
-        k = full.find(part, max(0, start - len(part)), end)
-        return k + len(part) if k >= 0 and k + len(part) > start else None
-
     for piece in _content_texts(message) + _reasoning_texts(message):
-        got = find(piece)
-        if got is None and (parts := _think_parts(piece)) and None not in (got_parts := [find(t) for t in parts]):
-            got = max(got_parts)
+        got = _find_end(full, piece, start, end)
+        if got is None and (parts := _think_parts(piece)):
+            got_parts = [_find_end(full, t, start, end) for t in parts]
+            got = None if None in got_parts else max(got_parts)
         if got is None:
             raise _NoCap  # the full path reports the turn
         ends.append(got)
@@ -518,9 +515,8 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
         # the piece in the span, or starting in the generation prompt just before it (forced text), or
         # its think block's reasoning and answer (re-rendered by the template)
         for part in [piece, *_think_parts(piece)]:
-            k = full.find(part, max(0, text_start - len(part)), text_end)
-            if k >= 0 and k + len(part) > text_start:
-                content_end = max(content_end or 0, k + len(part))
+            if (got := _find_end(full, part, text_start, text_end)) is not None:
+                content_end = max(content_end or 0, got)
     if content_end is not None:
         pos = content_end
         after = [t for t in specials if offsets[t][0] >= pos]
@@ -530,6 +526,16 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
     if eots:
         return a, eots[0] + 1, True
     return a, specials[-1] + 1, True
+
+
+def _find_end(full: str, part: str, start: int, end: int) -> int | None:
+    """End char of `part` in full[start:end], else of an occurrence that starts before `start` (in the
+    generation prompt: forced text) and ends inside; None if neither."""
+    k = full.find(part, start, end)
+    if k >= 0:
+        return k + len(part)
+    k = full.rfind(part, max(0, start - len(part)), end)
+    return k + len(part) if 0 <= k < start < k + len(part) else None
 
 
 def _in_span(piece: str, full: str, start: int, end: int, prompt_given: bool) -> bool:
