@@ -121,6 +121,15 @@ class DataConfig(Strict):
         "naming file:line and the role), map (ShareGPT names: human -> user, gpt/model -> assistant, observation/"
         "function/ipython -> tool, developer -> system; others stay errors), drop (leave such messages out) or keep "
         "(pass it to the chat template as it is, never trained)")
+    multi_turn: Literal["single", "expand", "auto"] = Field(
+        "single", description="a chat record with several assistant turns: single (one sample that trains every assistant "
+        "turn; refused when the chat template rewrites earlier turns, e.g. drops their reasoning or moves the system "
+        "prompt), expand (one sample per assistant turn: the conversation up to it rendered as at inference, only that "
+        "turn trained; history is repeated, so about N times the tokens for N turns) or auto (single where the "
+        "conversation allows it, else expand)")
+    chat_template_kwargs: dict[str, Any] = Field(
+        {}, description="keyword arguments of every chat template render, as the serving engine passes them (e.g. "
+        "{enable_thinking: false} for answers without reasoning on Qwen3 or Nemotron-3 templates)")
     packing: bool = Field(True, description="pack documents into rows of at most max_tokens_per_batch, or (false) pad to the longest sample")
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
     pack_to_multiple_of: int | None = Field(

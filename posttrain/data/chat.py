@@ -20,6 +20,16 @@ Two ways to find the spans:
   renders the *last* assistant turn with an empty `<think></think>` and earlier ones without), the
   span runs from len(p) to the end-of-turn marker after the turn's content ("handled").
 
+`encode_turns` (`data.multi_turn: expand`) makes one sample per assistant turn k instead: the
+conversation up to turn k rendered as the template renders it when turn k is the last one (history
+rewritten as at inference: reasoning dropped, think blocks added, ...), training turn k only. It is
+the only correct option for templates that rewrite history. When even that render does not start
+with the generation prompt because the template moves text into the last prompt message (Mistral
+v3/Nemo put the system prompt into the last user turn, and only when it is the last message), the
+sample is the inference prompt `render(messages[:k], add_generation_prompt=True)` followed by the
+turn's text as the template renders it ("inference-render"); its prompt tokens are checked to be
+exactly the prompt's own tokens.
+
 Both are verified per assistant turn (content and any reasoning field inside the masked text, an
 end-of-turn special token present when the template writes one); any failure raises
 `ChatTemplateError` naming the problem. A silently wrong mask is never returned.
@@ -30,7 +40,7 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "EmptyMaskError",
     "Encoded",
     "encode_messages",
+    "encode_turns",
     "encode_prompt_completion",
     "encode_text",
 ]
@@ -45,6 +56,15 @@ __all__ = [
 
 class ChatTemplateError(ValueError):
     """The chat template cannot be trained on correctly (message names the problem and what to do)."""
+
+
+class _PromptNotPrefix(ChatTemplateError):
+    """Prefix-diff: the generation prompt is not a prefix of the render (history rewritten or text
+    moved into the last prompt message); one sample per assistant turn may still work."""
+
+
+class _NoCap(Exception):
+    """The capped path cannot decide a turn from the tokenized prefix alone: use the full render."""
 
 
 class EmptyMaskError(ValueError):
@@ -55,6 +75,9 @@ class EmptyMaskError(ValueError):
 class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # 1 = token i is a training target (labels[i] = input_ids[i]), 0 = not
+    # only a prefix of the render was tokenized (max_tokens): the first max_tokens ids and their mask
+    # are those of the whole render; the ids after them are not, and must be cut (records.fit_length)
+    capped: bool = field(default=False, compare=False)
 
 
 # Names of end-of-turn markers of public chat models. Only used to pick the end-of-turn token when a
@@ -74,6 +97,7 @@ class _TokInfo:
     special_ids: frozenset[int]
     eot_ids: frozenset[int]
     name: str
+    special_strs: tuple[str, ...] = ()  # their text, for checks on text that is not tokenized (capped)
 
 
 _CACHE: dict[int, tuple[Any, Any, _TokInfo]] = {}
@@ -94,7 +118,8 @@ def _tok_info(tok) -> _TokInfo:
     if tok.eos_token_id is not None:
         eot.add(tok.eos_token_id)
     name = str(getattr(tok, "name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or "<unnamed>"
-    info = _TokInfo(frozenset(special), frozenset(eot), name)
+    strs = tuple(t for t in tok.convert_ids_to_tokens(sorted(special)) if t)
+    info = _TokInfo(frozenset(special), frozenset(eot), name, strs)
     try:
         ref = weakref.ref(tok)
     except TypeError:  # pragma: no cover - tokenizers are weak-referenceable
@@ -117,12 +142,18 @@ def _has_generation(tok, tools) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_messages(tokenizer, messages: list[dict], *, tools: list | None = None, **template_kwargs) -> Encoded:
-    """Render `messages` with the tokenizer's chat template; mask = assistant answers + end-of-turn."""
+def encode_messages(tokenizer, messages: list[dict], *, tools: list | None = None, max_tokens: int | None = None,
+                    **template_kwargs) -> Encoded:
+    """Render `messages` with the tokenizer's chat template; mask = assistant answers + end-of-turn.
+
+    With `max_tokens`, a render far longer than that is tokenized only as far as its first max_tokens
+    tokens need (plus a margin; `Encoded.capped`), for templates without {% generation %}: those ids
+    and their mask are exactly the full render's, the ids after them are not and must be cut. Turns
+    that start past the tokenized prefix are neither trained nor checked (they would be truncated)."""
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
     train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs)
+    return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs, max_tokens=max_tokens)
 
 
 def _encode_messages_traced(tokenizer, messages, *, tools=None, **template_kwargs) -> tuple[Encoded, list[str]]:
@@ -133,8 +164,30 @@ def _encode_messages_traced(tokenizer, messages, *, tools=None, **template_kwarg
     return _encode_chat(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
 
 
-def encode_prompt_completion(tokenizer, prompt, completion) -> Encoded:
-    """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational")."""
+def encode_turns(tokenizer, messages: list[dict], *, tools: list | None = None, **template_kwargs) -> list[Encoded]:
+    """One sample per assistant turn (`data.multi_turn: expand`): sample k is the conversation up to
+    assistant turn k rendered as at inference (the template rewrites the history as it does when turn
+    k is the last message), with only turn k trained. Turns with nothing to train (empty content) give
+    no sample; EmptyMaskError when no turn gives one."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs)
+
+
+def _encode_turns_traced(tokenizer, messages, *, tools=None, **template_kwargs) -> tuple[list[Encoded], list[str]]:
+    """encode_turns plus how each sample's span was found ("generation", "prefix-diff", "inference-render")."""
+    paths: list[str] = []
+    train = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return _encode_turns(tokenizer, list(messages), train, tools, template_kwargs, paths), paths
+
+
+def encode_prompt_completion(tokenizer, prompt, completion, *, per_turn: bool = False, max_tokens: int | None = None,
+                             **template_kwargs) -> Encoded | list[Encoded]:
+    """TRL prompt/completion: both strings ("standard") or both lists of messages ("conversational").
+    With `per_turn` (`data.multi_turn: expand`), a conversational pair gives a list: one sample per
+    assistant turn of the completion, as `encode_turns`. `template_kwargs` go to the chat template;
+    `max_tokens` caps the tokenization of a conversational pair as in `encode_messages`."""
     if isinstance(prompt, str) and isinstance(completion, str):
         p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
@@ -149,7 +202,9 @@ def encode_prompt_completion(tokenizer, prompt, completion) -> Encoded:
         train = [i for i in range(len(prompt), len(messages)) if messages[i].get("role") == "assistant"]
         if not train:
             raise EmptyMaskError("sample has no assistant tokens to train on: the completion has no assistant message")
-        return _encode_chat(tokenizer, messages, train, None, {})
+        if per_turn:
+            return _encode_turns(tokenizer, messages, train, None, template_kwargs)
+        return _encode_chat(tokenizer, messages, train, None, template_kwargs, max_tokens=max_tokens)
     raise TypeError("prompt and completion must both be strings or both be lists of messages")
 
 
@@ -177,16 +232,122 @@ def _render(tok, messages, tools, kw, *, add_generation_prompt=False) -> str:
     )
 
 
-def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> Encoded:
+def _check_kwargs(kw: dict) -> dict:
+    kw = dict(kw)
     for bad in ("add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
                 "return_assistant_tokens_mask"):
         if kw.get(bad):
             raise ValueError(f"encode_messages: {bad}=... is not allowed for training samples")
         kw.pop(bad, None)
+    return kw
+
+
+def _encode_turns(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None) -> list[Encoded]:
+    kw = _check_kwargs(kw)
+    if not train:
+        raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
+    out = []
+    for k in train:
+        hows: list[str] = []
+        try:
+            enc = _encode_chat(tok, messages[: k + 1], [k], tools, kw, hows)
+        except _PromptNotPrefix as e:
+            enc = _inference_render(tok, _tok_info(tok), messages, k, tools, kw, e)
+            hows = ["inference-render"]
+        except EmptyMaskError:
+            continue  # an empty turn: nothing to train in its sample
+        out.append(enc)
+        if paths is not None:
+            paths.extend(hows)
+    if not out:
+        raise EmptyMaskError("sample has no assistant tokens to train on: every assistant turn is empty")
+    return out
+
+
+def _inference_render(tok, info: _TokInfo, messages: list[dict], k: int, tools, kw: dict,
+                      cause: ChatTemplateError) -> Encoded:  # cause: why prefix-diff refused the turn
+    """Assistant turn k as served: the generation prompt p = render(messages[:k], add_generation_prompt=True)
+    followed by the turn's text C as the template renders it at the end of q = render(messages[:k+1]).
+
+    Only for templates that put extra text into the last prompt message when it is the last one
+    (Mistral v3/Nemo: the system prompt): p = X + S + Y and q = X + Y + C, where X is the common
+    prefix, S the inserted text, and Y the rest of the prompt, which must hold the previous message's
+    whole content and a special token (the turn's header). Anything else (e.g. a generation prompt that
+    forces `<think>\n` the turn does not render) stays refused. The prompt must tokenize to exactly
+    the prompt's own ids (a clean token boundary), so the trained tokens follow the served prompt."""
+    p = _render(tok, messages[:k], tools, kw, add_generation_prompt=True)
+    q = _render(tok, messages[: k + 1], tools, kw)
+    prev = _content_texts(messages[k - 1]) if k > 0 else []
+    y = x = None
+    if prev and (pc := p.rfind(prev[0])) >= 0:
+        y0 = p[pc:]  # the previous message's content through the end of the generation prompt
+        i0 = q.rfind(y0)
+        if i0 >= 0 and _text_has_special(tok, info, y0):
+            n = 0  # extend Y back over what p and q share right before it
+            while n < min(pc, i0) and p[pc - n - 1] == q[i0 - n - 1]:
+                n += 1
+            if p.startswith(q[:i0 - n]) and pc - n > i0 - n:
+                x, y = i0 - n, p[pc - n:]
+    if y is None:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant turn {k} rendered as the last message does not continue the prompt "
+            f"rendered with add_generation_prompt=True ({p[-40:]!r} at the end of the prompt vs {q[-60:]!r} at the "
+            "end of the turn), so no sample is what the model sees when served: the generation prompt forces "
+            "text that the template does not render in this turn (e.g. an opening <think> while the turn has no "
+            "reasoning or the template strips reasoning from every turn, or an empty think block before a turn "
+            "with reasoning). Give the turn its reasoning in the form "
+            "the template renders, pass the template's switch for answers without reasoning (e.g. "
+            "data.chat_template_kwargs: {enable_thinking: false}), or use a template whose turns continue its generation prompt"
+        ) from cause
+    c = q[x + len(y):]  # p = X + S + Y, q = X + Y + C
+    text = p + c
+    try:
+        p_ids = list(tok.apply_chat_template(messages[:k], tools=tools, tokenize=True, return_dict=True,
+                                             add_generation_prompt=True, **kw)["input_ids"])
+    except Exception as e:
+        raise ChatTemplateError(f"template {info.name}: cannot render the prompt of assistant turn {k} "
+                                f"({type(e).__name__}: {e})") from e
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    c_ids = list(tok(c, add_special_tokens=False)["input_ids"])
+    if ids != p_ids + c_ids:
+        raise ChatTemplateError(
+            f"template {info.name}: assistant turn {k}: the template moves text into the prompt at inference, and "
+            "the generation prompt followed by the turn does not tokenize to the prompt's own tokens plus the "
+            "turn's (a token straddles the end of the prompt), so the sample would not be what the model sees "
+            "when served"
+        ) from cause
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    a, b = len(p_ids), len(ids)
+    a, b, has_eot = _trim_to_eot(info, messages[k], text, ids, offsets, a, b)
+    _verify(info, messages[k], k, text, offsets, a, b, _text_has_special(tok, info, c), has_eot,
+            "generation prompt + turn as rendered last", prompt_given=True)
+    if b <= a:
+        raise EmptyMaskError("sample has no assistant tokens to train on: the assistant turn is empty")
+    return Encoded(ids, [0] * a + [1] * (b - a) + [0] * (len(ids) - b))
+
+
+def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, paths: list | None = None,
+                 max_tokens: int | None = None) -> Encoded:
+    kw = _check_kwargs(kw)
     if not train:
         raise EmptyMaskError("sample has no assistant tokens to train on: the conversation has no assistant turn")
     info = _tok_info(tok)
     gen = _has_generation(tok, tools)
+    if max_tokens is not None and not gen:
+        try:
+            full = _render(tok, messages, tools, kw)
+        except Exception:  # noqa: BLE001 - reported with its context by the full path below
+            full = None
+        if full is not None:
+            from .records import cap_text  # records imports this module
+
+            prefix, cut = cap_text(tok, full, max_tokens, add_special_tokens=False)
+            if cut:
+                try:
+                    return _encode_capped(tok, info, messages, train, tools, kw, full, prefix, paths)
+                except _NoCap:
+                    pass
 
     try:
         full = _render(tok, messages, tools, kw)
@@ -232,6 +393,59 @@ def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, p
     return Encoded(ids, mask)
 
 
+def _encode_capped(tok, info, messages, train, tools, kw, full: str, prefix: str, paths) -> Encoded:
+    """prefix-diff masking of `full` with only `prefix` tokenized (see encode_messages' max_tokens)."""
+    enc = tok(prefix, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    spans, hows = _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut=len(prefix))
+    if paths is not None:
+        paths.extend(hows)
+    mask = [0] * len(ids)
+    for a, b in spans:
+        for t in range(a, b):
+            mask[t] = 1
+    if not any(mask):
+        err = EmptyMaskError("sample has no assistant tokens to train on: no assistant turn starts within the "
+                             "tokens kept (data.max_seq_len)")
+        err.capped = True  # counted like a capped sample
+        raise err
+    return Encoded(ids, mask, capped=True)
+
+
+def _content_end(info, message: dict, full: str, start: int, end: int) -> int:
+    """End char of the turn's content in full[start:end] (as _verify accepts it: in the span, starting
+    in the generation prompt, or as think-block parts), checked without tokens for a turn that is not
+    (wholly) tokenized: _NoCap when the content is missing or no special token text follows it (an
+    end-of-turn marker), so that the full path, not the cap, decides whether the turn is refused."""
+    ends = []
+    for piece in _content_texts(message) + _reasoning_texts(message):
+        got = _find_end(full, piece, start, end)
+        if got is None and (parts := _think_parts(piece)):
+            got_parts = [_find_end(full, t, start, end) for t in parts]
+            got = None if None in got_parts else max(got_parts)
+        if got is None:
+            raise _NoCap  # the full path reports the turn
+        ends.append(got)
+    if not ends:
+        raise _NoCap
+    content_end = max(ends)
+    if not any(sp in full[content_end:end] for sp in info.special_strs):
+        raise _NoCap
+    return content_end
+
+
+def _cut_turn(info, message: dict, full: str, ids, offsets, start: int, end: int) -> tuple[int, int] | None:
+    """A turn [start, end) of `full` that runs past the tokenized prefix: None when its end-of-turn
+    marker (the first special token after its content) is inside the prefix, so the normal trim sees
+    exactly what it sees on the full render; else the span from its first token to the prefix's end
+    (every token up to the marker is trained)."""
+    content_end = _content_end(info, message, full, start, end)
+    a, _ = _tokens_overlapping(offsets, start, end)
+    if any(ids[t] in info.special_ids and offsets[t][0] >= content_end for t in range(a, len(ids))):
+        return None
+    return a, len(ids)
+
+
 def _content_texts(message: dict) -> list[str]:
     """The stripped text pieces of a message's content that must appear in its masked span."""
     c = message.get("content")
@@ -241,6 +455,20 @@ def _content_texts(message: dict) -> list[str]:
         return [p["text"].strip() for p in c
                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and p["text"].strip()]
     return []
+
+
+_THINK_RE = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.S)
+
+
+def _think_parts(piece: str) -> list[str]:
+    """Content with an inline `<think>reasoning</think>answer` block: [reasoning, answer] stripped (a
+    template may re-render the block with its own whitespace, e.g. GLM-4.5 `<think>R</think>\nA`; both
+    parts must still be in the turn). Any other content: [] (no fallback)."""
+    m = _THINK_RE.match(piece)
+    if not m:
+        return []
+    parts = [t.strip() for t in m.groups() if t.strip()]
+    return parts if parts and "<think>" not in m.group(2) else []
 
 
 def _reasoning_texts(message: dict) -> list[str]:
@@ -284,9 +512,11 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
     content_end = None
     pos = text_start
     for piece in _content_texts(message) + _reasoning_texts(message):
-        k = full.find(piece, text_start, text_end)
-        if k >= 0:
-            content_end = max(content_end or 0, k + len(piece))
+        # the piece in the span, or starting in the generation prompt just before it (forced text), or
+        # its think block's reasoning and answer (re-rendered by the template)
+        for part in [piece, *_think_parts(piece)]:
+            if (got := _find_end(full, part, text_start, text_end)) is not None:
+                content_end = max(content_end or 0, got)
     if content_end is not None:
         pos = content_end
         after = [t for t in specials if offsets[t][0] >= pos]
@@ -298,8 +528,31 @@ def _trim_to_eot(info: _TokInfo, message: dict, full: str, ids, offsets, a: int,
     return a, specials[-1] + 1, True
 
 
+def _find_end(full: str, part: str, start: int, end: int) -> int | None:
+    """End char of `part` in full[start:end], else of an occurrence that starts before `start` (in the
+    generation prompt: forced text) and ends inside; None if neither."""
+    k = full.find(part, start, end)
+    if k >= 0:
+        return k + len(part)
+    k = full.rfind(part, max(0, start - len(part)), end)
+    return k + len(part) if 0 <= k < start < k + len(part) else None
+
+
+def _in_span(piece: str, full: str, start: int, end: int, prompt_given: bool) -> bool:
+    """`piece` lies in full[start:end]; or, with `prompt_given`, it starts in the generation prompt just
+    before the span and ends inside it: the template's generation prompt forces the piece's first
+    characters (QwQ, Qwen3.5/3.6 and Nemotron-3 end it with `<think>\n`, which the turn's content starts
+    with), so at inference they are given, not generated, and the rest is trained."""
+    if piece in full[start:end]:
+        return True
+    if not prompt_given:
+        return False
+    k = full.rfind(piece, max(0, start - len(piece)), end)
+    return 0 <= k < start < k + len(piece)
+
+
 def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int, b: int,
-            eot_expected: bool, has_eot: bool, how: str) -> None:
+            eot_expected: bool, has_eot: bool, how: str, prompt_given: bool = False) -> None:
     if b <= a:
         if _content_texts(message):
             raise ChatTemplateError(
@@ -307,20 +560,23 @@ def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int
                 "content; the template does not render this turn where expected"
             )
         return
-    text = full[offsets[a][0]:offsets[b - 1][1]]
+    start, end = offsets[a][0], offsets[b - 1][1]
     for piece in _content_texts(message):
-        if piece not in text:
+        if not _in_span(piece, full, start, end, prompt_given) and not all(
+                _in_span(part, full, start, end, prompt_given) for part in _think_parts(piece)):
             raise ChatTemplateError(
                 f"template {info.name}: the content of assistant turn {turn} does not appear in its masked span "
                 f"({how}); the template rewrites the turn (e.g. strips <think> reasoning from history or trims "
-                "content). Use one sample per assistant turn, or a template with {% generation %} markers"
+                "content). Use one sample per assistant turn (data.multi_turn: expand), or a template with "
+                "{% generation %} markers"
             )
     for piece in _reasoning_texts(message):
-        if piece not in text:
+        if not _in_span(piece, full, start, end, prompt_given):
             raise ChatTemplateError(
                 f"template {info.name}: the reasoning of assistant turn {turn} is dropped by the template "
                 f"({how}); training on it would teach the model to skip reasoning. Use one sample per "
-                "assistant turn (the template keeps reasoning for the last turn), or remove the reasoning field"
+                "assistant turn (data.multi_turn: expand) if the template keeps reasoning for the last turn, or "
+                "remove the reasoning field"
             )
     if eot_expected and not has_eot:
         raise ChatTemplateError(
@@ -336,7 +592,8 @@ def _verify(info: _TokInfo, message: dict, turn: int, full: str, offsets, a: int
         )
 
 
-def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> list[tuple[int, int]]:
+def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut: int | None = None):
+    """Spans and how each was found. With `cut`, ids/offsets cover only full[:cut] (capped)."""
     spans, hows = [], []
     for i in train:
         if i == 0:
@@ -354,11 +611,12 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                 "per assistant turn or a template with {% generation %} markers"
             ) from e
         if not full.startswith(p):
-            raise ChatTemplateError(
+            raise _PromptNotPrefix(
                 f"template {info.name}: the prompt rendered with add_generation_prompt=True is not a prefix of the "
                 f"conversation at assistant turn {i} (the template rewrites earlier turns or its generation "
                 "prompt differs from how it renders the turn in history, e.g. strips reasoning or moves the "
-                "system prompt); use one sample per assistant turn or a template with {% generation %} markers"
+                "system prompt); use one sample per assistant turn (data.multi_turn: expand) or a template with "
+                "{% generation %} markers"
             )
         if not q.startswith(p):
             raise ChatTemplateError(
@@ -380,22 +638,34 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets) -> 
                 raise ChatTemplateError(
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
                     "conversation (the template renders the turn differently when it is not the last one) and the "
-                    "turn has no text content to locate it; use one sample per assistant turn"
+                    "turn has no text content to locate it; use one sample per assistant turn (data.multi_turn: expand)"
                 )
+            if cut is not None and start >= cut:
+                _content_end(info, messages[i], full, start, len(full))  # past the tokenized prefix: not trained
+                continue
             others = [t for j, m in enumerate(messages) if j != i for t in _content_texts(m)]
             end = _locate_turn_end(info, full, ids, offsets, start, pieces, others)
+            if end is None and cut is not None:
+                raise _NoCap
             if end is None:
                 raise ChatTemplateError(
                     f"template {info.name}: the conversation up to assistant turn {i} is not a prefix of the full "
                     "conversation and the turn's content cannot be found right after its generation prompt (the "
                     "template rewrites it in history, e.g. strips reasoning); use one sample per assistant turn "
-                    "or a template with {% generation %} markers"
+                    "(data.multi_turn: expand) or a template with {% generation %} markers"
                 )
             diff = full[start:end]
+        if cut is not None and start >= cut:
+            _content_end(info, messages[i], full, start, end)  # past the tokenized prefix: not trained
+            continue
+        if cut is not None and end > cut and (span := _cut_turn(info, messages[i], full, ids, offsets, start, end)):
+            spans.append(span)
+            hows.append(kind)
+            continue
         a, b = _tokens_overlapping(offsets, start, end)
         a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
         eot_expected = _text_has_special(tok, info, diff)
-        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how)
+        _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how, prompt_given=True)
         spans.append((a, b))
         hows.append(kind)
     return spans, hows

@@ -25,9 +25,10 @@ from .sources import CorruptRecord, Source, parse_record
 
 # encode(tokenizer, record, "file:line", data config, record stats) -> Sample, or raise BadRecord.
 # It runs after parsing and the source's transform and applies the length policy itself (the stats count
-# truncations). Default: SFT (`records.encode_sft_record`); preference pairs:
-# `pairs.encode_pair_record`.
-Encode = Callable[[Any, dict, str, DataConfig, RecordStats], Sample]
+# truncations). It may return a list of Samples instead: one record made into several packing units
+# (data.multi_turn: expand), which the stream hands out one by one before reading the next record.
+# Default: SFT (`records.encode_sft_record`); preference pairs: `pairs.encode_pair_record`.
+Encode = Callable[[Any, dict, str, DataConfig, RecordStats], "Sample | list[Sample]"]
 
 
 class SampleStream:
@@ -62,8 +63,13 @@ class SampleStream:
         # per source, its current pass: [epoch, records kept, Counter of skip reasons]; None while
         # the pass was not seen from its start (a resume from an older checkpoint)
         self.passes: list[list | None] = [[0, 0, Counter()] for _ in cfg.sources]
+        # the rest of a record that gave several samples (one per assistant turn), handed out before the
+        # next record is read; part of the state, so a resume continues inside such a record exactly
+        self.pending: list[Sample] = []
 
     def next(self) -> Sample | None:
+        if self.pending:
+            return self.pending.pop(0)
         while True:
             item = self.mixer.next()
             if item is None:
@@ -80,14 +86,17 @@ class SampleStream:
                 self.stats.skipped[bad.reason] += 1
                 self.passes[idx][2][bad.reason] += 1
                 continue
-            if sample is None:
+            if sample is None or (isinstance(sample, list) and not sample):
                 self.stats.skipped["filtered"] += 1
                 self.passes[idx][2]["filtered"] += 1
                 continue
             self.stats.kept += 1
             self.passes[idx][1] += 1
             epoch = self.mixer.sources[idx].cursor.epoch
-            return sample if sample.epoch == epoch else dataclasses.replace(sample, epoch=epoch)
+            samples = sample if isinstance(sample, list) else [sample]
+            samples = [s if s.epoch == epoch else dataclasses.replace(s, epoch=epoch) for s in samples]
+            self.pending = samples[1:]
+            return samples[0]
 
     def _check_pass(self, idx: int) -> None:
         """A source whose whole pass yielded no usable record would restart forever (data.max_epochs:
@@ -108,7 +117,7 @@ class SampleStream:
                 f"transform, format, chat template), or remove the source")
         self.passes[idx] = [epoch, 0, Counter()]
 
-    def _encode(self, idx: int, where: str, raw: Any) -> Sample | None:
+    def _encode(self, idx: int, where: str, raw: Any) -> Sample | list[Sample] | None:
         try:
             rec = parse_record(raw)
         except CorruptRecord as e:
@@ -139,11 +148,13 @@ class SampleStream:
 
     def state_dict(self) -> dict:
         passes = [None if p is None else [p[0], p[1], Counter(p[2])] for p in self.passes]
-        return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy(), "passes": passes}
+        return {"mixer": self.mixer.state_dict(), "stats": self.stats.copy(), "passes": passes,
+                "pending": list(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
         self.mixer.load_state_dict(state["mixer"])
         self.stats = state["stats"].copy()
+        self.pending = list(state.get("pending", ()))
         passes = state.get("passes") or [None] * len(self.passes)
         self.passes = [None if p is None else [p[0], p[1], Counter(p[2])] for p in passes]
 

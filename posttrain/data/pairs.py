@@ -87,7 +87,7 @@ def _completion(rec: dict, side: str, where: str, unknown_roles: str = "error"):
     return apply_role_policy(c, where, unknown_roles, side)
 
 
-def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: bool):
+def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: bool, template_kwargs: dict | None = None):
     if chat:
         p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         c = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
@@ -97,7 +97,7 @@ def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: boo
         raise BadRecord(where, "template", "the tokenizer has no chat template: a preference pair with messages needs one "
                         "(without a template, 'prompt', 'chosen' and 'rejected' must all be strings)")
     try:
-        enc = encode_prompt_completion(tokenizer, p, c)
+        enc = encode_prompt_completion(tokenizer, p, c, **((template_kwargs or {}) if chat else {}))
     except EmptyMaskError as e:
         raise BadRecord(where, "empty_mask", f"'{side}': nothing to score: {e}") from e
     except ChatTemplateError as e:
@@ -106,14 +106,15 @@ def _encode_side(tokenizer, prompt, completion, side: str, where: str, chat: boo
     return tuple(enc.input_ids), labels
 
 
-def encode_pair(tokenizer, rec: dict, where: str, unknown_roles: str = "error") -> Sample:
+def encode_pair(tokenizer, rec: dict, where: str, unknown_roles: str = "error", template_kwargs: dict | None = None) -> Sample:
     """One preference record -> one unit of two documents (chosen, rejected), or raise BadRecord.
-    `unknown_roles` is data.unknown_roles for the messages of prompt and completions."""
+    `unknown_roles` is data.unknown_roles for the messages of prompt and completions;
+    `template_kwargs` (data.chat_template_kwargs) go to the chat template."""
     prompt = _prompt(rec, where, unknown_roles)
     completions = [_completion(rec, side, where, unknown_roles) for side in SIDES]
     chat = _has_chat_template(tokenizer)
     (c_ids, c_labels), (r_ids, r_labels) = (
-        _encode_side(tokenizer, prompt, comp, side, where, chat) for side, comp in zip(SIDES, completions)
+        _encode_side(tokenizer, prompt, comp, side, where, chat, template_kwargs) for side, comp in zip(SIDES, completions)
     )
     if c_ids == r_ids and c_labels == r_labels:
         raise BadRecord(where, "identical_pair", "'chosen' and 'rejected' render to the same tokens: nothing to prefer")
@@ -156,4 +157,5 @@ def encode_pair_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stat
     """The loader's `encode` for preference data: `encode_pair` + `fit_pair` with
     max_len_per_side = min(data.max_seq_len, data.max_tokens_per_batch // 2) and data.overlong.
     `data.format` does not apply to pairs."""
-    return fit_pair(encode_pair(tokenizer, rec, where, cfg.unknown_roles), pair_max_len(cfg), cfg.overlong, stats)
+    return fit_pair(encode_pair(tokenizer, rec, where, cfg.unknown_roles, cfg.chat_template_kwargs), pair_max_len(cfg),
+                    cfg.overlong, stats)

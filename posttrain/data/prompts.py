@@ -39,10 +39,12 @@ def prompt_messages(rec: dict, where: str) -> list[dict] | str:
     return p
 
 
-def encode_prompt(tokenizer, rec: dict, where: str) -> Prompt:
+def encode_prompt(tokenizer, rec: dict, where: str, template_kwargs: dict | None = None) -> Prompt:
+    """`template_kwargs` (data.chat_template_kwargs) go to the chat template, as for training samples."""
     messages = prompt_messages(rec, where)
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                            **(template_kwargs or {}))
     else:
         if not isinstance(rec["prompt"], str):
             raise BadRecord(where, "template", "the tokenizer has no chat template, so the prompt must be a string")
@@ -59,7 +61,7 @@ def make_prompt_encoder(max_prompt_tokens: int):
     """The loader `encode` for prompt records: longer prompts are bad records (`too_long`), never cut."""
 
     def encode(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Prompt:
-        p = encode_prompt(tokenizer, rec, where)
+        p = encode_prompt(tokenizer, rec, where, cfg.chat_template_kwargs)
         if len(p.ids) > max_prompt_tokens:
             raise BadRecord(where, "overlong", f"prompt of {len(p.ids)} tokens > data.max_seq_len - max_new_tokens = {max_prompt_tokens}")
         return p

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text
+from .chat import ChatTemplateError, EmptyMaskError, encode_messages, encode_prompt_completion, encode_text, encode_turns
 from .formats import SHAREGPT_ROLES, FormatError, normalize
 
 if TYPE_CHECKING:
@@ -74,14 +74,19 @@ class RecordStats:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     capped: int = 0  # records so long that only a prefix of their text was tokenized (see cap_text)
+    expanded: int = 0  # kept records made into one sample per assistant turn (data.multi_turn)
+    turn_samples: int = 0  # the samples those records gave
 
     def copy(self) -> "RecordStats":
-        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped), self.capped)
+        return RecordStats(self.seen, self.kept, self.truncated, Counter(self.skipped), self.capped, self.expanded,
+                           self.turn_samples)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         capped = f" ({self.capped} so long that only their first characters were tokenized)" if self.capped else ""
-        return f"records: {self.seen} read, {self.kept} kept, {self.truncated} truncated{capped}; skipped: {skipped}"
+        expanded = (f", {self.expanded} made into {self.turn_samples} samples (one per assistant turn)"
+                    if self.expanded else "")
+        return f"records: {self.seen} read, {self.kept} kept{expanded}, {self.truncated} truncated{capped}; skipped: {skipped}"
 
 
 CAP_MARGIN = 64  # tokens tokenized past the limit, so the cut cannot change the tokens kept
@@ -146,11 +151,39 @@ def apply_role_policy(messages: list, where: str, policy: str, key: str = "messa
     return out
 
 
+MULTI_TURN_HINT = ("; this conversation trains correctly with data.multi_turn: expand (or auto): one sample per "
+                   "assistant turn, rendered as at inference")
+
+
+def _chat(tokenizer, multi_turn: str, single, per_turn):
+    """Encode a conversation per `data.multi_turn`: single -> `single()`, expand -> `per_turn()`,
+    auto -> single, else per turn. A refusal in single mode says whether expand would work."""
+    if multi_turn == "expand":
+        return per_turn()
+    try:
+        return single()
+    except ChatTemplateError as e:
+        try:
+            encs = per_turn()
+        except (ChatTemplateError, EmptyMaskError) as e2:
+            if multi_turn == "auto":
+                raise e2 from e
+            raise ChatTemplateError(f"{e} (data.multi_turn: expand does not help here either: {e2})") from e
+        if multi_turn == "auto":
+            return encs
+        raise ChatTemplateError(f"{e}{MULTI_TURN_HINT}") from e
+
+
 def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str = "error", *,
-                  max_tokens: int | None = None, stats: RecordStats | None = None) -> Sample:
+                  max_tokens: int | None = None, stats: RecordStats | None = None,
+                  multi_turn: str = "single", template_kwargs: dict | None = None) -> Sample | list[Sample]:
     """One record -> Sample, or raise BadRecord naming the reason. With `max_tokens`, only what the
-    first max_tokens tokens need of a long text / prompt / completion string is tokenized (counted
-    in `stats.capped`); the tokens kept are the same."""
+    first max_tokens tokens need of a long text / prompt / completion string, or of a conversation's
+    render (one sample per conversation, templates without {% generation %}), is tokenized (counted
+    in `stats.capped`); the tokens kept are the same. A conversation made into one sample per
+    assistant turn (`multi_turn` expand, or auto where needed) gives a list of Samples.
+    `template_kwargs` (data.chat_template_kwargs) go to every chat template render."""
+    kw = dict(template_kwargs or {})
     try:
         fmt, rec = normalize(rec, fmt)
     except FormatError as e:
@@ -162,7 +195,10 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
             if (err := _check_messages(rec.get("messages"))) is not None:
                 raise BadRecord(where, "wrong_type" if "messages" in rec else "missing_field", err)
             messages = apply_role_policy(rec["messages"], where, unknown_roles)
-            enc = encode_messages(tokenizer, messages, tools=rec.get("tools"))
+            tools = rec.get("tools")
+            enc = _chat(tokenizer, multi_turn,
+                        lambda: encode_messages(tokenizer, messages, tools=tools, max_tokens=max_tokens, **kw),
+                        lambda: encode_turns(tokenizer, messages, tools=tools, **kw))
         elif fmt == "prompt_completion":
             p, c = rec.get("prompt"), rec.get("completion")
             if p is None or c is None:
@@ -180,7 +216,11 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 c, cut_c = cap_text(tokenizer, c, max_tokens, add_special_tokens=False)
                 if (cut_p or cut_c) and stats is not None:
                     stats.capped += 1
-            enc = encode_prompt_completion(tokenizer, p, c)
+            if isinstance(p, list):
+                enc = _chat(tokenizer, multi_turn, lambda: encode_prompt_completion(tokenizer, p, c, max_tokens=max_tokens, **kw),
+                            lambda: encode_prompt_completion(tokenizer, p, c, per_turn=True, **kw))
+            else:
+                enc = encode_prompt_completion(tokenizer, p, c)
         else:
             if not isinstance(rec.get("text"), str):
                 raise BadRecord(where, "wrong_type" if "text" in rec else "missing_field", "'text' must be a string")
@@ -189,9 +229,19 @@ def encode_record(tokenizer, rec: dict, where: str, fmt: str, unknown_roles: str
                 stats.capped += 1
             enc = encode_text(tokenizer, text)
     except EmptyMaskError as e:
+        if getattr(e, "capped", False) and stats is not None:
+            stats.capped += 1
         raise BadRecord(where, "empty_mask", f"nothing to train on: {e}") from e
     except ChatTemplateError as e:
         raise BadRecord(where, "template", str(e)) from e
+    if isinstance(enc, list):
+        return [_sample(e, where) for e in enc]
+    if enc.capped and stats is not None:
+        stats.capped += 1
+    return _sample(enc, where)
+
+
+def _sample(enc, where: str) -> Sample:
     labels = [t if m else -100 for t, m in zip(enc.input_ids, enc.loss_mask)]
     return Sample(tuple(enc.input_ids), tuple(labels), where)
 
@@ -208,12 +258,41 @@ def fit_length(s: Sample, max_len: int, policy: str, stats: RecordStats) -> Samp
     return Sample(s.input_ids[:max_len], labels, s.where)
 
 
-def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample:
+def encode_sft_record(tokenizer, rec: dict, where: str, cfg: "DataConfig", stats: RecordStats) -> Sample | list[Sample]:
     """The loader's default `encode`: one SFT record -> one single-document Sample of at most
-    min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest)."""
+    min(data.max_seq_len, data.max_tokens_per_batch) tokens (data.overlong decides the rest).
+
+    With data.multi_turn expand (or auto, where needed) a conversation gives one such Sample per
+    assistant turn, each its own document; each follows data.overlong on its own. A turn sample that
+    is dropped (overlong: drop) or loses its turn to truncation is left out and the record counts as
+    truncated; a record left with no sample is a bad record (overlong / empty_mask)."""
     max_len = min(cfg.max_seq_len, cfg.max_tokens_per_batch)
     capped = stats.capped
-    sample = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats)
+    too_long = BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
+    try:
+        out = encode_record(tokenizer, rec, where, cfg.format, cfg.unknown_roles, max_tokens=max_len, stats=stats,
+                            multi_turn=cfg.multi_turn, template_kwargs=cfg.chat_template_kwargs)
+    except BadRecord as bad:  # e.g. capped with no assistant turn in the tokens kept: overlong comes first
+        if stats.capped > capped and cfg.overlong == "drop":
+            raise too_long from bad
+        raise
     if stats.capped > capped and cfg.overlong == "drop":  # its full length was never counted
-        raise BadRecord(where, "overlong", f"far more than data.max_seq_len={max_len} tokens (data.overlong: drop)")
-    return fit_length(sample, max_len, cfg.overlong, stats)
+        raise too_long
+    if not isinstance(out, list):
+        return fit_length(out, max_len, cfg.overlong, stats)
+    kept, lost, first_bad = [], False, None
+    for s in out:
+        try:
+            fitted = fit_length(s, max_len, cfg.overlong, RecordStats())
+        except BadRecord as bad:
+            lost, first_bad = True, first_bad or bad
+            continue
+        lost = lost or len(fitted.input_ids) < len(s.input_ids)
+        kept.append(fitted)
+    if not kept:
+        raise BadRecord(where, first_bad.reason, f"{first_bad.detail} (every assistant turn's sample, data.multi_turn)")
+    if lost:
+        stats.truncated += 1
+    stats.expanded += 1
+    stats.turn_samples += len(kept)
+    return kept

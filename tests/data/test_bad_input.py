@@ -340,6 +340,42 @@ def test_a_huge_record_is_tokenized_only_as_far_as_max_seq_len_needs(tmp_path, t
     assert list(samples[0].input_ids) == full[:128] and stats.truncated == 1
 
 
+HUGE_CHATS = {
+    "answer": lambda huge: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": huge}],
+    "question": lambda huge: [{"role": "user", "content": huge}, {"role": "assistant", "content": "A."}],
+    "history": lambda huge: [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
+                             {"role": "assistant", "content": "Short."}, {"role": "user", "content": "More?"},
+                             {"role": "assistant", "content": huge}, {"role": "user", "content": "And?"},
+                             {"role": "assistant", "content": "Done."}],
+}
+
+
+@pytest.mark.parametrize("kind", list(HUGE_CHATS))
+def test_a_huge_conversation_is_tokenized_only_as_far_as_max_seq_len_needs(tmp_path, tok, tokenized_chars, kind):
+    """A 400 KB chat record: its render is tokenized only as far as max_seq_len needs, and the kept ids
+    and labels equal those of the whole render tokenized and masked, then truncated."""
+    import time
+
+    from posttrain.data.chat import encode_messages
+
+    messages = HUGE_CHATS[kind](_prose(80_000))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}, {"text": "short"}])
+    t0 = time.perf_counter()
+    samples, stats = load_samples(cfg(path, max_seq_len=128, max_tokens_per_batch=512, on_bad_record="skip"), tok)
+    elapsed = time.perf_counter() - t0
+    assert tokenized_chars[0] < 20_000, tokenized_chars[0]
+    assert stats.capped == 1
+    full = encode_messages(tok, messages)  # uncapped: the whole render tokenized
+    assert tokenized_chars[0] > 400_000
+    if kind == "question":  # the question fills max_seq_len: nothing to train on, as uncapped
+        assert len(samples) == 1 and dict(stats.skipped) == {"empty_mask": 1}
+        return
+    labels = [t if m else -100 for t, m in zip(full.input_ids, full.loss_mask)]
+    assert list(samples[0].input_ids) == full.input_ids[:128] and list(samples[0].labels) == labels[:128]
+    assert any(lab != -100 for lab in samples[0].labels) and stats.truncated == 1
+    assert elapsed < 5, elapsed  # about 0.03 s here
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_capped_tokenization_keeps_exactly_the_tokens_of_full_tokenization(tok, seed):
     """Normal records around and past the cap: the kept tokens equal full tokenization's."""

@@ -15,6 +15,7 @@ from posttrain.data.chat import (
     encode_messages,
     encode_prompt_completion,
     encode_text,
+    encode_turns,
 )
 from posttrain.tiny import (
     CHATML_GENERATION_TEMPLATE,
@@ -301,3 +302,111 @@ def test_render_error_is_template_error(tok_dir):
 def test_per_tokenizer_cache(chatml):
     assert chat._tok_info(chatml) is chat._tok_info(chatml)
     assert chatml.convert_tokens_to_ids("<|im_end|>") in chat._tok_info(chatml).special_ids
+
+
+# ---------------------------------------------------------------------------------- one sample per turn
+
+# QwQ style: history turns lose everything up to </think>, the last keeps its content, and the
+# generation prompt forces an opening <think>.
+FORCED_THINK = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}{{ m.content.split('</think>')[-1].lstrip('\\n') }}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+# Mistral v3 / Nemo style: the system prompt goes into the user turn only when it is the last message,
+# so it is in the served prompt but in no render of a conversation that ends with an answer.
+SYSTEM_IF_LAST = (
+    "{%- set sys = messages[0].content if messages[0].role == 'system' else '' %}"
+    "{%- set msgs = messages[1:] if sys else messages %}"
+    "{%- for m in msgs %}<|im_start|>{{ m.role }}\n{% if loop.last and sys and m.role == 'user' %}{{ sys }}\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The generation prompt forces text (a response prefix) that the answer starts with.
+FORCED_PREFIX = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\nAnswer:{% endif %}"
+)
+R1, R2 = "<think>\nrecall it\n</think>\n\n", "<think>\nadd them\n</think>\n\n"
+THINK_NL = [
+    {"role": "user", "content": U1},
+    {"role": "assistant", "content": R1 + A1},
+    {"role": "user", "content": U2},
+    {"role": "assistant", "content": R2 + A2},
+]
+
+
+def _trained(tok, enc: Encoded) -> str:
+    return "".join(tok.decode([i]) for i, m in zip(enc.input_ids, enc.loss_mask) if m)
+
+
+def test_forced_think_prompt_is_given_not_trained(tok_dir):
+    """The generation prompt ends with <think>\\n and the answer starts with it: that text is prompt (given
+    at inference), the rest of the turn is trained."""
+    tok = _load(tok_dir, "forced_think", FORCED_THINK)
+    enc, paths = _encode_messages_traced(tok, THINK_NL[:2])
+    assert paths == ["prefix-diff"]
+    assert enc.input_ids == list(tok.apply_chat_template(THINK_NL[:2], return_dict=True)["input_ids"])
+    assert _trained(tok, enc) == R1[len("<think>\n"):] + A1 + "<|im_end|>"
+    # two turns: the first loses its reasoning in history, so one sample cannot train it; per turn can
+    with pytest.raises(ChatTemplateError, match="not a prefix"):
+        encode_messages(tok, THINK_NL)
+    encs, paths = chat._encode_turns_traced(tok, THINK_NL)
+    assert paths == ["prefix-diff", "prefix-diff"]
+    assert [_trained(tok, e) for e in encs] == [
+        R1[len("<think>\n"):] + A1 + "<|im_end|>", R2[len("<think>\n"):] + A2 + "<|im_end|>"]
+    assert encs[1].input_ids == list(tok.apply_chat_template(THINK_NL, return_dict=True)["input_ids"])
+    assert "recall it" not in tok.decode(encs[1].input_ids)  # history rendered as at inference
+    # an answer without reasoning after a prompt that forces <think>: no render is what is served
+    with pytest.raises(ChatTemplateError, match="generation prompt forces text that the template does not render"):
+        encode_turns(tok, CONV[1:3])
+
+
+def test_forced_response_prefix(tok_dir):
+    tok = _load(tok_dir, "forced_prefix", FORCED_PREFIX)
+    msgs = [{"role": "user", "content": U2}, {"role": "assistant", "content": "Answer: 42"}]
+    enc = encode_messages(tok, msgs)
+    assert _trained(tok, enc) == " 42<|im_end|>"
+
+
+def test_history_rewrite_trained_per_turn(tok_dir):
+    """Reasoning dropped from earlier turns (Qwen3 style): each turn in its own sample, rendered as at
+    inference, trains that turn's reasoning and answer."""
+    tok = _load(tok_dir, "strip_history", STRIP_HISTORY)
+    encs = encode_turns(tok, THINK)
+    assert [e.input_ids for e in encs] == [
+        list(tok.apply_chat_template(THINK[:2], return_dict=True)["input_ids"]),
+        list(tok.apply_chat_template(THINK, return_dict=True)["input_ids"])]
+    assert [_trained(tok, e) for e in encs] == [THINK[1]["content"] + "<|im_end|>", THINK[3]["content"] + "<|im_end|>"]
+
+
+@pytest.mark.parametrize("name,template,path", [("system_last", SYSTEM_LAST, "prefix-diff"),
+                                                ("system_if_last", SYSTEM_IF_LAST, "inference-render")])
+def test_system_moved_to_last_user_trained_per_turn(tok_dir, name, template, path):
+    tok = _load(tok_dir, name, template)
+    with pytest.raises(ChatTemplateError, match="not a prefix"):
+        encode_messages(tok, CONV)
+    encs, paths = chat._encode_turns_traced(tok, CONV)
+    assert paths == [path, path]
+    for enc, k, answer in zip(encs, (2, 4), (A1, A2)):
+        prompt = list(tok.apply_chat_template(CONV[:k], add_generation_prompt=True, return_dict=True)["input_ids"])
+        assert enc.input_ids[:len(prompt)] == prompt  # the served prompt, system prompt included
+        assert SYSTEM in tok.decode(enc.input_ids)
+        assert enc.loss_mask == [0] * len(prompt) + [1] * (len(enc.input_ids) - len(prompt) - 1) + [0]
+        assert _trained(tok, enc) == answer + "<|im_end|>"
+
+
+def test_per_turn_matches_single_where_both_work(family):
+    """A prefix-stable template: the per-turn samples train exactly what the single sample trains."""
+    _, tok, eot = family
+    one = encode_messages(tok, CONV)
+    encs = encode_turns(tok, CONV)
+    assert [_trained(tok, e) for e in encs] == [A1 + eot, A2 + eot]
+    first, last = encs
+    assert last.input_ids == one.input_ids and first.input_ids == one.input_ids[:len(first.input_ids)]
+    union = [a or b for a, b in zip(first.loss_mask + [0] * len(one.input_ids), last.loss_mask)]
+    assert union == one.loss_mask
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        encode_turns(tok, CONV, add_generation_prompt=True)
+    with pytest.raises(EmptyMaskError):
+        encode_turns(tok, CONV[:2])

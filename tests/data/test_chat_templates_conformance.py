@@ -8,6 +8,14 @@ end-of-turn marker and nothing of the system/user turns (checked independently h
 rendered text's char offsets), or raise ChatTemplateError for the templates listed in
 EXPECTED_REFUSALS (so pass -> refuse is a regression, and refuse -> pass must update the list).
 
+The same conversation is also encoded with one sample per assistant turn (`encode_turns`, i.e.
+`data.multi_turn: expand`): each sample's ids must be the template's render of the conversation up
+to that turn (or, "inference-render", the generation prompt's own ids followed by the turn), and
+its mask exactly that turn's answer and end-of-turn marker after the generation prompt; templates
+refused in that mode are in EXPECTED_EXPAND_REFUSALS. A conversation with inline `<think>`
+reasoning goes through both modes too; expected refusals of the per-turn mode are in
+EXPECTED_REASONING_EXPAND_REFUSALS.
+
 `scripts/chat_template_report.py` prints the status table of docs/chat_templates.md from the same
 harness.
 """
@@ -27,7 +35,13 @@ if not (TEMPLATES_DIR / "SOURCES.md").is_file():
     pytest.skip(f"real chat templates not found at {TEMPLATES_DIR} (shared/chat_templates is absent)",
                 allow_module_level=True)
 
-from posttrain.data.chat import ChatTemplateError, _encode_messages_traced, encode_messages  # noqa: E402
+from posttrain.data.chat import (  # noqa: E402
+    ChatTemplateError,
+    EmptyMaskError,
+    _encode_messages_traced,
+    _encode_turns_traced,
+    encode_messages,
+)
 
 SYSTEM = "Answer tersely please."
 USER1 = "Name the capital of France?"
@@ -72,16 +86,25 @@ def _sources() -> dict[str, dict]:
     return out
 
 
+# "<template>+<kwarg>=<value>": the template rendered with that template kwarg set, as
+# data.chat_template_kwargs passes it (a `set` in front of the template, which these templates honour)
+KWARG_VARIANTS = {
+    f"{n}+enable_thinking=false": (n, "{%- set enable_thinking = false %}")
+    for n in ("trl_nemotron_3_nano", "trl_nemotron_3_super", "trl_nemotron_3_ultra")
+}
+
+
 def build_template_tokenizer(name: str, base: Path):
     from transformers import AutoTokenizer
 
     from posttrain.tiny import build_tokenizer
 
-    src = _sources()[name]
+    file, prefix = KWARG_VARIANTS.get(name, (name, ""))
+    src = _sources()[file]
     out = base / name
     if not (out / "tokenizer_config.json").is_file():
         build_tokenizer(
-            out, chat_template=(TEMPLATES_DIR / f"{name}.jinja").read_text(), bos=src["bos"], eos=src["eos"],
+            out, chat_template=prefix + (TEMPLATES_DIR / f"{file}.jinja").read_text(), bos=src["bos"], eos=src["eos"],
             pad=src["pad"], unk=src["unk"], special_tokens=src["markers"] + src["other"], corpus=_CORPUS,
             vocab_size=320,
         )
@@ -180,7 +203,7 @@ def classify(name: str, base: Path) -> tuple[str, str]:
     variant, msgs, text = render_conversation(tok)
     if variant is None:
         return "does-not-render", text
-    src = _sources()[name]
+    src = _sources()[KWARG_VARIANTS.get(name, (name,))[0]]
     markers = set(src["markers"]) | {t for t in (src["eos"], src["bos"]) if t} | set(src["other"])
     try:
         enc, paths = _encode_messages_traced(tok, msgs)
@@ -191,6 +214,68 @@ def classify(name: str, base: Path) -> tuple[str, str]:
         check_header_is_prompt(tok, msgs, enc.loss_mask, text)
     note = f"{variant}; {'/'.join(sorted(set(paths)))}"
     return ("handled" if "history-rerender" in paths else "pass"), note
+
+
+def check_turn_sample(tok, msgs, k: int, ids, mask, answer: str, markers: set[str]) -> str:
+    """Independent check of the sample of assistant turn k (one sample per turn). Its ids are either the
+    render of msgs[:k+1] (which must start with the generation prompt p of msgs[:k]) or p's own ids
+    followed by more tokens. Every masked token lies after p; the masked tokens are one run that covers
+    the answer's last occurrence and ends at the first control marker after it. Returns the masked text."""
+    p = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+    q_ids = list(tok.apply_chat_template(msgs[:k + 1], tokenize=True, return_dict=True)["input_ids"])
+    gen = "{% generation %}" in re.sub(r"\{%-?\s*generation\s*-?%\}", "{% generation %}", tok.chat_template)
+    if gen:  # the template's spans are authoritative, also where its turns do not continue its generation prompt
+        assert ids == q_ids, "sample of a {% generation %} template is not the render up to the turn"
+    if ids == q_ids:
+        text = tok.apply_chat_template(msgs[:k + 1], tokenize=False)
+        assert gen or text.startswith(p), "sample is the render up to the turn, but the generation prompt is not its prefix"
+        offs = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        prompt_toks = {t for t, (s, e) in enumerate(offs) if e <= len(p)}
+    else:
+        p_ids = list(tok.apply_chat_template(msgs[:k], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+        assert ids[:len(p_ids)] == p_ids, "sample is neither the render up to the turn nor the served prompt + turn"
+        text = p + tok.decode(ids[len(p_ids):])
+        assert list(tok(text, add_special_tokens=False)["input_ids"]) == ids
+        offs = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        prompt_toks = set(range(len(p_ids)))
+    on = [t for t, v in enumerate(mask) if v]
+    assert on and on == list(range(on[0], on[-1] + 1)), "the mask is not one contiguous run"
+    if gen:  # the template's spans win (some hold the assistant header): nothing before the previous message's end
+        prev = msgs[k - 1]["content"]
+        prev = (prev if isinstance(prev, str) else prev[0]["text"]).strip()
+        prev_end = text.rindex(prev, 0, len(p)) + len(prev)
+        assert all(offs[t][0] >= prev_end for t in on), "a token before the end of the previous message is masked"
+    else:
+        assert not any(mask[t] for t in prompt_toks), "a token of the generation prompt is masked"
+        assert on[0] == min(set(range(len(ids))) - prompt_toks), "the mask does not start right after the generation prompt"
+    a = text.rindex(answer)
+    ans = [t for t, (s, e) in enumerate(offs) if s < a + len(answer) and e > a and e > s]
+    assert all(mask[t] for t in ans), f"answer {answer!r} not fully masked"
+    eot = next((t for t in range(ans[-1] + 1, len(ids)) if tok.convert_ids_to_tokens(ids[t]) in markers), None)
+    assert eot is not None and on[-1] == eot, f"the mask does not end at the end-of-turn marker after {answer!r}"
+    return "".join(text[s:e] for (s, e), v in zip(offs, mask) if v)
+
+
+def classify_expand(name: str, base: Path, msgs=None, answers=(ANSWER1, ANSWER2), must_train: str = "") -> tuple[str, str]:
+    """(status, detail) of one sample per assistant turn: pass / refused; AssertionError when a mask is wrong
+    (or when `must_train`, e.g. the reasoning, is not in every sample's masked text)."""
+    tok = build_template_tokenizer(name, base)
+    if msgs is None:
+        variant, msgs, _ = render_conversation(tok)
+        if variant is None:
+            return "does-not-render", ""
+    src = _sources()[KWARG_VARIANTS.get(name, (name,))[0]]
+    markers = set(src["markers"]) | {t for t in (src["eos"], src["bos"]) if t} | set(src["other"])
+    try:
+        encs, paths = _encode_turns_traced(tok, msgs)
+    except ChatTemplateError as e:
+        return "refused", str(e)
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert len(encs) == len(turns)
+    for enc, k, answer in zip(encs, turns, answers):
+        masked = check_turn_sample(tok, msgs, k, enc.input_ids, enc.loss_mask, answer, markers)
+        assert must_train in masked, f"{must_train!r} is not trained in the sample of turn {k}: {masked!r}"
+    return "pass", "/".join(sorted(set(paths)))
 
 
 _THINK_PROMPT = "the generation prompt forces an opening <think> that history turns do not have"
@@ -209,6 +294,17 @@ EXPECTED_REFUSALS.update({
     "mistral_common_v3_spm": "the system prompt moves into the last user turn, so earlier prompts are not prefixes",
     "trl_glm4moe": "no end-of-turn token after assistant turns (the next header ends a turn); would never learn to stop",
 })
+
+
+_FORCED = "but the generation prompt forces an opening <think>: no render is what is served"
+EXPECTED_EXPAND_REFUSALS: dict[str, str] = {
+    "qwq_32b": "answers without reasoning render with no <think>, " + _FORCED,
+    "deepseek_r1_distill": "answers render with no <think> (reasoning is stripped from every turn), " + _FORCED,
+    "deepseek_v3": "answers render with no <think> (reasoning is stripped from every turn), " + _FORCED,
+    **{n: "answers without reasoning render as <think></think>, " + _FORCED + "; with enable_thinking=false both match"
+       for n in ("trl_nemotron_3_nano", "trl_nemotron_3_super", "trl_nemotron_3_ultra")},
+    "trl_glm4moe": "no end-of-turn token after assistant turns; would never learn to stop",
+}
 
 
 @pytest.fixture(scope="session")
@@ -230,17 +326,41 @@ def test_template_conformance(name, template_tok_dir):
         assert status in ("pass", "handled"), f"{name} regressed to {status}: {detail}"
 
 
-REASONING = "<think>\nI should recall it.\n</think>\n\n"
+@pytest.mark.parametrize("name", list(KWARG_VARIANTS))
+def test_template_kwarg_variants(name, template_tok_dir):
+    """Nemotron-3 with enable_thinking=false (data.chat_template_kwargs): its generation prompt then
+    matches how it renders answers without reasoning, so both modes train the plain conversation."""
+    assert classify(name, template_tok_dir)[0] == "pass"
+    assert classify_expand(name, template_tok_dir)[0] == "pass"
 
 
 @pytest.mark.parametrize("name", _template_names())
-def test_template_reasoning_never_wrong(name, template_tok_dir):
-    """Assistant turns with inline <think> reasoning: templates that strip reasoning from history must
-    be refused; when encoding succeeds, each full assistant content is inside the mask."""
-    tok = build_template_tokenizer(name, template_tok_dir)
+def test_template_conformance_per_turn(name, template_tok_dir):
+    """One sample per assistant turn (data.multi_turn: expand) on the same conversation."""
+    status, detail = classify_expand(name, template_tok_dir)
+    if status == "does-not-render":
+        pytest.skip(f"{name} does not render the test conversation")
+    if name in EXPECTED_EXPAND_REFUSALS:
+        assert status == "refused", f"{name} is expected to be refused per turn ({EXPECTED_EXPAND_REFUSALS[name]}) but passes"
+    else:
+        assert status == "pass", f"{name} is refused per turn: {detail}"
+
+
+REASONING = "<think>\nI should recall it.\n</think>\n\n"
+# templates that cannot train the reasoning conversation even with one sample per turn
+EXPECTED_REASONING_EXPAND_REFUSALS: dict[str, str] = {
+    "deepseek_r1_distill": "strips reasoning from every assistant turn, the last one included",
+    "deepseek_v3": "strips reasoning from every assistant turn, the last one included",
+    "trl_deepseekv3_training": "strips reasoning from every assistant turn, the last one included",
+    "trl_qwen3_5_nothink": "its generation prompt forces an empty think block; turns with reasoning never follow it",
+    "trl_glm4moe": "no end-of-turn token after assistant turns; would never learn to stop",
+}
+
+
+def reasoning_conversation(tok):
     variant, msgs, _ = render_conversation(tok)
     if variant is None:
-        pytest.skip(f"{name} does not render the test conversation")
+        return None
     msgs = [dict(m) for m in msgs]
     for m in msgs:
         if m["role"] == "assistant":
@@ -248,15 +368,94 @@ def test_template_reasoning_never_wrong(name, template_tok_dir):
                 m["content"] = REASONING + m["content"]
             else:
                 m["content"] = [{"type": "text", "text": REASONING + m["content"][0]["text"]}]
+    return msgs
+
+
+def classify_reasoning(name: str, base: Path) -> str:
+    """Status (pass / refused / does-not-render) of the reasoning conversation as one sample. When
+    encoding succeeds, each assistant content is trained, except for its first characters when the
+    generation prompt forces them (an opening <think>: given at inference), or both its reasoning and
+    its answer are trained (the template re-renders the think block); AssertionError otherwise."""
+    tok = build_template_tokenizer(name, base)
+    msgs = reasoning_conversation(tok)
+    if msgs is None:
+        return "does-not-render"
     try:
         enc = encode_messages(tok, msgs)
     except ChatTemplateError:
-        return
+        return "refused"
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert enc.input_ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
     offs = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     masked = "".join(text[s:e] if v else "\x00" for (s, e), v in zip(offs, enc.loss_mask))
-    for m in msgs:
-        if m["role"] == "assistant":
-            c = m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
-            assert c.strip() in masked, f"assistant content {c!r} not inside one masked span"
+    cursor = 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        c = (m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]).strip()
+        if c in text[cursor:]:
+            p = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            a = text.index(c, cursor)
+            toks = [t for t, (s, e) in enumerate(offs) if s < a + len(c) and e > a and e > s and e > len(p)]
+            assert all(enc.loss_mask[t] for t in toks), f"assistant content {c!r} is not trained"
+            cursor = a + len(c)
+        else:
+            for part in ("I should recall it.", ANSWER1 if "capital" in c else ANSWER2):
+                assert part in masked[cursor:], f"{part!r} of {c!r} is not trained"
+                cursor = masked.index(part, cursor) + len(part)
+    return "pass"
+
+
+@pytest.mark.parametrize("name", _template_names())
+def test_template_reasoning_never_wrong(name, template_tok_dir):
+    """Assistant turns with inline <think> reasoning as one sample: templates that strip reasoning from
+    history must be refused; when encoding succeeds, the mask is checked (classify_reasoning)."""
+    if classify_reasoning(name, template_tok_dir) == "does-not-render":
+        pytest.skip(f"{name} does not render the test conversation")
+
+
+@pytest.mark.parametrize("name", _template_names())
+def test_template_reasoning_per_turn(name, template_tok_dir):
+    """The reasoning conversation with one sample per turn: every sample trains its turn's reasoning and
+    answer, unless the template is listed in EXPECTED_REASONING_EXPAND_REFUSALS."""
+    tok = build_template_tokenizer(name, template_tok_dir)
+    msgs = reasoning_conversation(tok)
+    if msgs is None:
+        pytest.skip(f"{name} does not render the test conversation")
+    status, detail = classify_expand(name, template_tok_dir, msgs, must_train="I should recall it.")
+    if name in EXPECTED_REASONING_EXPAND_REFUSALS:
+        assert status == "refused", f"{name} is expected to be refused ({EXPECTED_REASONING_EXPAND_REFUSALS[name]})"
+    else:
+        assert status == "pass", f"{name} is refused per turn on the reasoning conversation: {detail}"
+
+
+LONG = " ".join(["the answer is 42, café 東京 (a+b) don't"] * 60)
+
+
+@pytest.mark.parametrize("name", _template_names())
+def test_template_capped_tokenization_keeps_the_full_render_tokens(name, template_tok_dir):
+    """encode_messages(max_tokens=n) tokenizes only a prefix of a long render: its first n ids and mask
+    equal those of the whole render, and it refuses exactly when the whole render is refused."""
+    tok = build_template_tokenizer(name, template_tok_dir)
+    variant, msgs, _ = render_conversation(tok)
+    if variant is None:
+        pytest.skip(f"{name} does not render the test conversation")
+    for where in (2, 3, 4):  # a long first answer, second question, second answer
+        long_msgs = [dict(m) for m in msgs]
+        i = [j for j, m in enumerate(long_msgs) if m["role"] != "system"][where - 1]
+        c = long_msgs[i]["content"]
+        long_msgs[i]["content"] = c + " " + LONG if isinstance(c, str) else [{"type": "text", "text": c[0]["text"] + " " + LONG}]
+        try:
+            full = encode_messages(tok, long_msgs)
+        except ChatTemplateError:
+            with pytest.raises(ChatTemplateError):
+                encode_messages(tok, long_msgs, max_tokens=24)
+            continue
+        for n in (24, 60, 150):
+            try:
+                capped = encode_messages(tok, long_msgs, max_tokens=n)
+            except EmptyMaskError:
+                assert not any(full.loss_mask[1:n]), (where, n)
+                continue
+            assert capped.input_ids[:n] == full.input_ids[:n], (where, n)
+            assert capped.loss_mask[:n] == full.loss_mask[:n], (where, n)
