@@ -177,3 +177,71 @@ def test_no_readable_checkpoint_is_one_clear_error(tiny_qwen3, data, tmp_path):
     chosen = out / "checkpoints" / "step_00000001"  # a checkpoint given by path: no fallback
     with pytest.raises(C.CheckpointError, match=rf"^compute.resume: {chosen} is unreadable \(FileNotFoundError"):
         run_job(_job(tiny_qwen3, data, out, resume=str(chosen)))
+
+
+def _two_rank_save(rank: int, root: str, port: int, fail: str, out: str) -> None:
+    """One of two gloo ranks: a good save at step 1, then a save at step 2 that fails on rank 1 only."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        kw = dict(model=model, optimizer=opt, scheduler=sched, data_state={"rank": rank}, meta={"tokenizer_fingerprint": "x"})
+        C.save_checkpoint(root, 1, **kw)
+        if rank == 1:
+            real = torch.save
+
+            def failing(obj, f, *a, **k):
+                if str(f).endswith("rank_00001.pt"):
+                    raise OSError(errno.ENOSPC, "No space left on device") if fail == "disk full" else RuntimeError("a bad sector")
+                return real(obj, f, *a, **k)
+
+            torch.save = failing
+        try:
+            C.save_checkpoint(root, 2, **kw)
+            outcome = "saved"
+        except Exception as e:  # noqa: BLE001 - the outcome is the test's
+            outcome = f"{type(e).__name__}: {e}"
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", ["disk full", "another error"])
+def test_a_save_failing_on_one_rank_of_two_fails_on_both_without_a_hang(tmp_path, fail):
+    """The ranks agree on a save's outcome with a collective: the rank whose write failed and the one
+    whose write worked both raise (neither waits forever in a barrier), the partial checkpoint is
+    removed, and step 1 stays the resume point."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root, out = tmp_path / "checkpoints", tmp_path / "outcome"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_two_rank_save, args=(r, str(root), port, fail, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, "a rank hung in the failed save"
+    outcomes = [(tmp_path / f"outcome.{r}").read_text() for r in range(2)]
+    if fail == "disk full":
+        assert all(o.startswith("DiskFullError: no space left on device writing checkpoint step_00000002") for o in outcomes), outcomes
+        assert all("step_00000001 is still the resume point" in o for o in outcomes), outcomes
+    else:
+        assert outcomes[1] == "RuntimeError: a bad sector", outcomes
+        assert outcomes[0].startswith("CheckpointError: another worker failed writing checkpoint step_00000002"), outcomes
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000001"]
+    assert C.find_latest(root).name == "step_00000001" and not (root / ".step_00000002.tmp").exists()
