@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import random
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -127,57 +129,125 @@ def save_checkpoint(
     states: dict | None = None,
     keep: int | None = None,
     keep_also: str | None = None,
-) -> Path:
+    background: bool = False,
+) -> "Path | PendingSave":
     """`states`: this rank's recipe states (name -> state_dict), restored by `load_checkpoint`.
     `keep`: the newest K checkpoints stay, older ones are removed, except `keep_also` (a checkpoint
     name such as `step_00000300`: the best one).
     Every rank learns of a failure on any rank (a collective, never a hang); the temporary directory
-    is removed whatever the failure, including an interrupt."""
-    rank, world = rank_world()
-    ckpt_root = Path(ckpt_root)
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".step_{step:08d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    try:
-        msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-        failure = None
+    is removed whatever the failure, including an interrupt.
+
+    `background`: the state is copied (staged) now and written by a background thread while training
+    goes on; the returned `PendingSave` is finished (made visible, a collective) at a later step
+    boundary, once every rank's write is done. Until then the previous checkpoint is the resume point."""
+    pending = PendingSave(Path(ckpt_root), step, keep=keep, keep_also=keep_also)
+    pending.start(model, optimizer, scheduler, data_state, meta, states or {}, background=background)
+    return pending if background else pending.finish()
+
+
+_CKPT_GROUP = None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _checkpoint_group():
+    """A gloo group of its own for background writes: their DCP collectives run beside training's."""
+    global _CKPT_GROUP
+    if _CKPT_GROUP is None:
+        _CKPT_GROUP = dist.new_group(backend="gloo")
+    return _CKPT_GROUP
+
+
+class PendingSave:
+    """One checkpoint: `start` (every rank, at a step boundary) stages the state and writes this
+    rank's files, inline or in a thread; `finish` (every rank, a collective) agrees on the outcome,
+    and rank 0 writes trainer.pt and meta.json, fsyncs and renames the directory into place."""
+
+    def __init__(self, root: Path, step: int, *, keep: int | None, keep_also: str | None):
+        self.root, self.step, self.keep, self.keep_also = root, step, keep, keep_also
+        self.final, self.tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+        self.rank, self.world = rank_world()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, model, optimizer, scheduler, data_state: dict, meta: dict, states: dict, *, background: bool) -> None:
+        if self.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        _barrier()
         try:
-            with _single_process_quiet():
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"), no_dist=world == 1)
-            torch.save({"data": data_state, "rng": rng_state(), "states": states or {}}, tmp / f"rank_{rank:05d}.pt")
+            msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+            self.bytes = _state_bytes(msd, osd)
+            self.checksum = frozen_checksum(model)  # collective: every rank
+            # what is not a tensor of the model or optimizer is serialised now: it may change under us
+            own = io.BytesIO()
+            torch.save({"data": data_state, "rng": rng_state(), "states": states}, own)
+            self.own = own.getvalue()
+            self.trainer = io.BytesIO()
+            torch.save({"scheduler": scheduler.state_dict(), "step": self.step}, self.trainer)
+            self.meta = {"step": self.step, "world_size": self.world, "frozen_checksum": self.checksum, **meta}
+            if not background:
+                self._write(lambda: self._dcp_save(msd, osd))
+                return
+            with _single_process_quiet():  # DCP stages (copies) the tensors now, writes them in its thread
+                future = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"),
+                                        no_dist=self.world == 1, process_group=_checkpoint_group() if self.world > 1 else None)
+            self.thread = threading.Thread(target=self._write, args=(future.result,), name=f"checkpoint-{self.step}", daemon=True)
+            self.thread.start()
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def _dcp_save(self, msd, osd) -> None:
+        with _single_process_quiet():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"), no_dist=self.world == 1)
+
+    def _write(self, model_optim) -> None:
+        try:
+            model_optim()
+            _write_bytes(self.tmp / f"rank_{self.rank:05d}.pt", self.own)
         except IO_ERRORS as e:
-            failure = e
-        checksum = frozen_checksum(model)  # collective: every rank
-        _agree(failure, tmp, final, _state_bytes(msd, osd))
-        if rank == 0:
-            try:
-                torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
-                (tmp / "meta.json").write_text(json.dumps({
-                    "step": step, "world_size": world, "frozen_checksum": checksum, **meta,
-                }, indent=2, default=str))
-                _fsync_tree(tmp)
-                if final.exists():  # a re-save of the same step (after a resume): replace it
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                atomic.write_text(ckpt_root / "latest", final.name)
-            except IO_ERRORS as e:
-                failure = e
-        else:
+            self.error = e
+
+    def ready(self) -> bool:
+        """This rank's write is done (finish() would not wait for it)."""
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self) -> Path:
+        """Wait for this rank's write, agree with the others, make the checkpoint visible (collective)."""
+        try:
+            if self.thread is not None:
+                self.thread.join()
+            _agree(self.error, self.tmp, self.final, self.bytes)
             failure = None
-        _agree(failure, tmp, final, _state_bytes(msd, osd))
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if rank == 0 and keep:
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
-            if old.name != keep_also:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+            if self.rank == 0:
+                try:
+                    (self.tmp / "trainer.pt").write_bytes(self.trainer.getvalue())
+                    (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+                    _fsync_tree(self.tmp)
+                    if self.final.exists():  # a re-save of the same step (after a resume): replace it
+                        shutil.rmtree(self.final)
+                    os.replace(self.tmp, self.final)
+                    atomic.write_text(self.root / "latest", self.final.name)
+                except IO_ERRORS as e:
+                    failure = e
+            _agree(failure, self.tmp, self.final, self.bytes)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if self.rank == 0 and self.keep:
+            for old in complete_checkpoints(self.root)[:-self.keep]:
+                if old.name != self.keep_also:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return self.final
 
 
 def _state_bytes(*state_dicts) -> int:
