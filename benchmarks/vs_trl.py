@@ -7,10 +7,11 @@ step, and the loss on assistant tokens only (each answer and its `<|im_end|>`; T
 with the demo's ChatML template plus `{% generation %}` markers, which renders the same text). The
 benchmark checks that TRL's tokenized dataset has exactly posttrain's tokens and loss targets.
 
-Datasets (`--data`): demo conversations with a lognormal number of further demo turns appended until a
-lognormal target length in tokens is reached:
-- `skewed`: median 120 tokens, sigma 1.0 (from a few dozen to over 1,000 tokens; capped at --max-len);
-- `uniform`: median 200 tokens, sigma 0.1 (similar lengths, about the skewed set's mean).
+Datasets (`--data`): demo conversations with further demo turns appended up to a lognormal target length
+in tokens (samples end a little below their target):
+- `skewed`: targets of median 120 tokens, sigma 1.0 (samples from ~25 to over 1,000 tokens at the
+  default size; capped at --max-len);
+- `uniform`: targets of median 200 tokens, sigma 0.1 (similar lengths, about the skewed set's mean).
 Each dataset holds about `--steps x --budget` tokens: one pass over the data per run, on every side.
 
 Modes (each run its own process; modes interleaved across repeats: A B C, B C A, C A B):
@@ -77,7 +78,7 @@ FIELDS = ("tok_s", "step_ms", "real_step", "waste", "pairs_tok", "rss", "loss1",
 def make_chats(path: Path, tok, *, tokens: int, median: float, sigma: float, max_len: int, seed: int) -> dict:
     """Conversations until their tokens reach `tokens`: each a random demo conversation, then random demo
     (user, assistant) turn pairs appended while the sample stays within a lognormal target length
-    (median, sigma; at most max_len). Lengths are posttrain's encoding (the chat template's tokens).
+    (median, sigma; at most max_len), until 8 drawn pairs in a row would overshoot it. Lengths are posttrain's encoding (the chat template's tokens).
     Returns per-sample token and target counts, and the digest of (input_ids, labels) the TRL runner
     computes on its side."""
     from posttrain.data.chat import encode_messages
@@ -94,10 +95,12 @@ def make_chats(path: Path, tok, *, tokens: int, median: float, sigma: float, max
         target = min(max_len, rng.lognormvariate(math.log(median), sigma))
         msgs = list(rng.choice(convs))
         n = len(encode_messages(tok, msgs).input_ids)
-        while True:  # the template renders turn by turn, so a pair adds exactly its own tokens (checked below)
+        misses = 0
+        while misses < 8:  # the template renders turn by turn, so a pair adds exactly its own tokens (checked below)
             p = rng.choice(pairs)
             if n + cost[p] > target:
-                break
+                misses += 1  # try a few other pairs before calling the sample full
+                continue
             msgs += [{"role": "user", "content": p[0]}, {"role": "assistant", "content": p[1]}]
             n += cost[p]
         enc = encode_messages(tok, msgs)
@@ -201,7 +204,7 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
     reps = len(next(iter(results.values())))
     trl_modes = [k for k in results if MODES[k]["side"] == "trl"]
     fastest = max(trl_modes, key=lambda k: med[k]["tok_s"]) if trl_modes else None
-    L = [f"### {ds}: {DATASETS[ds]['sigma']} sigma lognormal, median {DATASETS[ds]['median']} tokens", ""]
+    L = [f"### {ds}: lognormal target lengths, median {DATASETS[ds]['median']} tokens, sigma {DATASETS[ds]['sigma']}", ""]
     L.append(f"Data: {length_stats(info['lens'])}; {sum(info['targets']):,} loss targets. TRL's dataset: "
              + "; ".join(f"{k} {v}" for k, v in info["checks"].items()) + ".")
     L.append(f"Per step: posttrain and trl_bfd one packed row of <= {a.budget} tokens; trl_group_by_length "
