@@ -46,9 +46,17 @@ def selected_modes(arg: str, table: dict, trl_python: Path) -> list[str]:
     unknown = [m for m in modes if m not in table]
     if unknown:
         sys.exit(f"unknown mode(s) {unknown}; choose from {list(table)}")
-    if any(table[m]["side"] == "trl" for m in modes) and not trl_python.exists():
-        sys.exit(f"{trl_python} not found: run `bash benchmarks/setup_trl_venv.sh` first")
+    if any(table[m]["side"] == "trl" for m in modes):
+        ensure_trl_venv(trl_python)
     return modes
+
+
+def ensure_trl_venv(trl_python: Path) -> None:
+    """TRL's own venv (its transformers pin clashes with ours): benchmarks/setup_trl_venv.sh creates it,
+    or returns at once when it is current."""
+    setup = ROOT / "benchmarks" / "setup_trl_venv.sh"
+    if subprocess.run(["bash", str(setup)]).returncode != 0 or not trl_python.exists():
+        sys.exit(f"{trl_python}: `bash {setup.relative_to(ROOT)}` failed (it installs TRL from the package index)")
 
 
 def child_env(threads: int) -> dict[str, str]:

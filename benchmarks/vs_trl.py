@@ -33,7 +33,10 @@ padding) over the timed steps, counted the same way on both sides. The timed win
 step `--warmup` to the end of the last step (startup, tokenization, TRL's dataset packing excluded).
 Peak memory is the peak RSS of each run's process.
 
-    bash benchmarks/setup_trl_venv.sh                  # once (~2 minutes)
+TRL 1.16 needs a newer transformers than posttrain pins, so it runs in its own venv, benchmarks/.trl-venv,
+which benchmarks/setup_trl_venv.sh creates (~2 minutes) when a TRL mode is selected; it returns at once
+when the venv is current.
+
     .venv/bin/python benchmarks/vs_trl.py              # both datasets, 3 modes x 3 repeats x 24 steps
     .venv/bin/python benchmarks/vs_trl.py --data skewed --quick   # smoke: 3 steps (1 warm-up), 1 repeat
 """
@@ -207,9 +210,10 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
     L = [f"### {ds}: lognormal target lengths, median {DATASETS[ds]['median']} tokens, sigma {DATASETS[ds]['sigma']}", ""]
     L.append(f"Data: {length_stats(info['lens'])}; {sum(info['targets']):,} loss targets. TRL's dataset: "
              + "; ".join(f"{k} {v}" for k, v in info["checks"].items()) + ".")
+    packed = (f" trl_bfd packed the whole dataset into {info['packed_rows']} rows before training, "
+              f"{info['packed_fill']:.1%} full." if "packed_rows" in info else "")
     L.append(f"Per step: posttrain and trl_bfd one packed row of <= {a.budget} tokens; trl_group_by_length "
-             f"{info['batch']} samples padded to the longest (B = {len(info['lens'])} samples / {a.steps} steps). "
-             f"trl_bfd packed the data into {info.get('packed_rows', '?')} rows, {info.get('packed_fill', float('nan')):.1%} full. "
+             f"{info['batch']} samples padded to the longest (B = {len(info['lens'])} samples / {a.steps} steps).{packed} "
              f"Medians of {reps} interleaved repeat(s); {a.steps - a.warmup} timed steps after {a.warmup} warm-up.")
     L.append("")
     L.append("| mode | real tokens/s | step | real tokens / step (of the budget) | padded slots / real | attention scores / "
@@ -228,7 +232,10 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
             ratio, bound = p["tok_s"] / med[t]["tok_s"], med[t]["waste"] / p["waste"]
             L.append(f"| posttrain / {t}{' (fastest TRL)' if t == fastest else ''} | {ratio:.2f}x | {bound:.2f}x | "
                      f"{ratio / bound:.0%} | {med[t]['pairs_tok'] / p['pairs_tok']:.2f}x | {p['rss'] / med[t]['rss']:.2f} |")
+    first = [x["loss1"] for v in results.values() for x in v]
     L.append("")
+    L.append(f"Step-1 loss of every run {min(first):.4f}-{max(first):.4f} (the same initial weights; ln vocab = "
+             f"{math.log(info['vocab']):.4f}; each side's first batch differs).")
     L.append("Work done, first repeat (tokens and loss targets over all steps; every side one pass, in its own order): "
              + ", ".join(f"{k} {v[0]['tokens_all']:,} tokens / {v[0]['targets_all']:,} targets" for k, v in results.items())
              + ".")
@@ -256,9 +263,9 @@ FOOTER = """What bounds each ratio:
 - attention: SDPA computes every score of its mask. posttrain attends per document (the sum of squared
   document lengths); TRL's padding-free BFD row gets a block-diagonal mask over the whole row (row length
   squared), a padded batch rows x width squared. On this 3.5M model with 256 hidden and rows of ~1.7k
-  tokens the score work is of the order of the linear layers' (4 x 256 x row vs ~2 x 0.8M multiply-adds
-  per token and layer), so this column is the second ceiling; causal halving inside the kernels is not
-  modelled.
+  tokens the score work is of the order of the linear layers' (4 x 256 x row vs ~2 x 0.8M FLOPs
+  per token and layer), so this column is the second lever; its ratio limits the gain on the attention
+  share of a step only (not measured here), and causal halving inside the kernels is not modelled.
 - loss targets: both sides score the same tokens (checked above: TRL with `assistant_only_loss` and the
   generation-marked template trains on each answer and its <|im_end|>, not the newline after it; TRL's
   default for a `messages` dataset would train on every token); the head runs on target tokens only on
@@ -308,6 +315,7 @@ def main() -> None:
             data = tmp / f"{ds}.jsonl"
             info = make_chats(data, tok, tokens=a.steps * a.budget, max_len=a.max_len, seed=1, **DATASETS[ds])
             info["batch"] = batch = max(1, round(len(info["lens"]) / a.steps))
+            info["vocab"] = json.loads((MODEL / "config.json").read_text())["vocab_size"]
             info["checks"] = {}
             lens = info["lens"]
             doc_pairs = sum(n * n for n in lens) / sum(lens)
@@ -334,7 +342,7 @@ def main() -> None:
                           f"RSS {s['rss']:.2f} GiB  loss {s['loss1']:.4f} -> {s['loss_end']:.4f}  "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
             text += report(a, ds, info, results) + [""]
-    text = "\n".join(header(a, model_params(MODEL), len(tok), versions, trl_info) + text + [FOOTER])
+    text = "\n".join(header(a, model_params(MODEL), info["vocab"], versions, trl_info) + text + [FOOTER])
     print("\n" + text)
     write_markdown(a.markdown, "benchmarks/vs_trl.py", text, time.perf_counter() - t_all)
 
