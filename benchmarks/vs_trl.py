@@ -208,8 +208,9 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
     trl_modes = [k for k in results if MODES[k]["side"] == "trl"]
     fastest = max(trl_modes, key=lambda k: med[k]["tok_s"]) if trl_modes else None
     L = [f"### {ds}: lognormal target lengths, median {DATASETS[ds]['median']} tokens, sigma {DATASETS[ds]['sigma']}", ""]
-    L.append(f"Data: {length_stats(info['lens'])}; {sum(info['targets']):,} loss targets. TRL's dataset: "
-             + "; ".join(f"{k} {v}" for k, v in info["checks"].items()) + ".")
+    checks = "; ".join(f"{k} {v}" for k, v in info["checks"].items())
+    L.append(f"Data: {length_stats(info['lens'])}; {sum(info['targets']):,} loss targets."
+             + (f" TRL's dataset against posttrain's encoding: {checks}." if checks else ""))
     packed = (f" trl_bfd packed the whole dataset into {info['packed_rows']} rows before training, "
               f"{info['packed_fill']:.1%} full." if "packed_rows" in info else "")
     L.append(f"Per step: posttrain and trl_bfd one packed row of <= {a.budget} tokens; trl_group_by_length "
