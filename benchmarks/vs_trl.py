@@ -236,7 +236,7 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
     first = [x["loss1"] for v in results.values() for x in v]
     L.append("")
     L.append(f"Step-1 loss of every run {min(first):.4f}-{max(first):.4f} (the same initial weights; ln vocab = "
-             f"{math.log(info['vocab']):.4f}; each side's first batch differs).")
+             f"{math.log(info['vocab']):.4f}; the sides' first batches may differ).")
     L.append("Work done, first repeat (tokens and loss targets over all steps; every side one pass, in its own order): "
              + ", ".join(f"{k} {v[0]['tokens_all']:,} tokens / {v[0]['targets_all']:,} targets" for k, v in results.items())
              + ".")
