@@ -196,6 +196,11 @@ class ComputeConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
     progress: bool = Field(True, description="a rich progress bar on the console")
     checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
+    async_checkpoint: bool = Field(
+        False, description="periodic checkpoints (checkpoint_every) are copied at the step and written by a background "
+        "thread while training goes on, then made visible (atomically, as always) at the first step boundary where every "
+        "worker's write is done; until then the previous checkpoint is the resume point. Checkpoints on interrupt, at a "
+        "new best and at early stopping stay synchronous")
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest K checkpoints (null: all)")
     checkpoint_on_interrupt: bool = Field(
         True, description="on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (every "

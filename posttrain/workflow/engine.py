@@ -41,6 +41,7 @@ from ..compute import interrupt, replace
 from ..compute.checkpoint import (
     IO_ERRORS,
     CheckpointError,
+    PendingSave,
     clean_leftovers,
     find_latest,
     load_checkpoint,
@@ -503,18 +504,32 @@ class Engine:
                             start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
         trained = 0
 
-        def save(i: int):
-            mine = {k: v.state_dict() for k, v in states.items()}
-            if self.best is not None:
-                mine[_BEST] = self.best.state_dict()
-            path = save_checkpoint(
-                self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
-                data_state=loader.state_dict(), states=mine, meta=self._meta(), keep=cfg.compute.keep_checkpoints,
-                keep_also=self.best.checkpoint if self.best is not None else None,
-            )
+        pending: list[PendingSave] = []  # a checkpoint being written in the background (compute.async_checkpoint)
+
+        def finish_pending() -> Path | None:
+            if not pending:
+                return None
+            path = pending.pop().finish()  # a collective: every rank at the same step
             if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
                 replace.drop_previous(self.out)
             return path
+
+        def save(i: int, background: bool = False) -> Path | None:
+            finish_pending()
+            mine = {k: v.state_dict() for k, v in states.items()}
+            if self.best is not None:
+                mine[_BEST] = self.best.state_dict()
+            out = save_checkpoint(
+                self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                data_state=loader.state_dict(), states=mine, meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+                keep_also=self.best.checkpoint if self.best is not None else None, background=background,
+            )
+            if background:
+                pending.append(out)
+                return None
+            if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
+                replace.drop_previous(self.out)
+            return out
 
         signals = contextlib.ExitStack()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
         signals.enter_context(interrupt.deferred())
@@ -552,9 +567,12 @@ class Engine:
                     shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in evaluated.items() if k != "eval/time_s")
                     self.say(f"eval {i:>5}  {shown}  ({self.best.summary()})", soft_wrap=True)
                 saved = None
-                if (cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0) or self.stopped_early or (
-                        improved and cfg.train.keep_best):
+                if pending and int(all_reduce(int(pending[0].ready()), "min")):  # every rank's background write is done
+                    finish_pending()
+                if self.stopped_early or (improved and cfg.train.keep_best):
                     saved = save(i)
+                elif cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
+                    saved = save(i, background=cfg.compute.async_checkpoint)
                 if self._eval_due(i) and self.rank == 0:
                     self.best.write(self.out.best)
                 trained += 1
@@ -563,7 +581,10 @@ class Engine:
                              f"{saved} written", soft_wrap=True)
                     break
                 if signum := self._stop_signal():
-                    raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
+                    if pending and pending[0].step == i:  # this step's checkpoint is being written: finish it
+                        saved = finish_pending()
+                    raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else finish_pending()))
+            finish_pending()  # the last background checkpoint, before the export
         finally:
             signals.close()
             log.close()
