@@ -24,6 +24,7 @@ No class to subclass and no hooks: a recipe is a loop that calls these. Conventi
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,12 @@ from ..compute.checkpoint import (
     set_aside_unreadable,
     unreadable_reason,
 )
-from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
+from ..compute.device import choose_device, choose_dtype, gpu_peak, mfu, peak_flops, remeasure_peak, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
 from ..compute.optim import build_optimizer, build_scheduler
 from ..compute.rundir import RunDir
+from ..compute.tracking import Trackers
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.loader import DataLoader
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
@@ -58,6 +60,14 @@ from ..model.hf import decoder_layers, unwrap
 from ..model.load import load_model
 from ..model.loss import count_targets
 from ..model.sample import sample_chat
+
+_clock = time.monotonic  # the wall clock of compute.checkpoint_every_minutes (a test moves it)
+
+
+def checkpoint_interval(cfg: JobConfig) -> int | None:
+    """compute.checkpoint_every in steps; `auto`: ceil(train.steps / 10), about ten per run."""
+    every = cfg.compute.checkpoint_every
+    return math.ceil(cfg.train.steps / 10) if every == "auto" else every
 
 
 class NothingTrained(RuntimeError):
@@ -204,9 +214,14 @@ class Engine:
         self.model.train()
         self.flops = FlopCounter.from_model(self.model, vocab_size=self.vocab)  # documents, targets, LoRA, recompute
         self.peak = peak_flops(self.device, self.dtype, override=cfg.compute.peak_flops)  # calibrated before step 1
+        self.peak_source = "compute.peak_flops" if cfg.compute.peak_flops else (
+            "the GPU table" if self.device.type == "cuda" and gpu_peak(torch.cuda.get_device_name(self.device), self.dtype)
+            else "measured")
+        self.mfu_unreliable = False  # see _plausible_peak
         self.root = self._shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
         self.opt = build_optimizer(self.model, cfg.train)
+        self.updates_per_step = updates_per_step
         self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps * updates_per_step)
         self.frozen_models: list[Frozen] = []
         self._copy: torch.nn.Module | None = None  # rank 0's unsharded copy for gathers (see unsharded)
@@ -355,7 +370,7 @@ class Engine:
         reported and the next older one tried, all ranks together."""
         root = self.out.checkpoints
         if self.rank == 0:  # leftovers of a killed save or write; nothing is being written yet
-            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml"])
+            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml", "tracking.json"])
             if junk:
                 self.say(f"removed leftovers of an interrupted write: {', '.join(p.name for p in junk)}", soft_wrap=True)
         unreadable = []
@@ -375,6 +390,12 @@ class Engine:
             if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
                 raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
             self._check_same_sources(path, state["meta"].get("config"))
+            old_steps = ((state["meta"].get("config") or {}).get("train") or {}).get("steps")
+            changed = self.sched.on_resume(
+                self.cfg.train.steps * self.updates_per_step, self.updates_per_step, self.cfg.train.on_steps_change,
+                fallback=old_steps * self.updates_per_step if old_steps else None, where=f"checkpoint {path}")
+            if changed:
+                self.say(f"[yellow]{changed}", soft_wrap=True)
             loader.load_state_dict(state["data"])
             saved = state.get("states") or {}
             for name, obj in states.items():
@@ -397,12 +418,24 @@ class Engine:
 
     def steps(self, loader: DataLoader, **states: Any) -> Iterator[Step]:
         """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
-        `step.update()`: metrics, then a checkpoint every compute.checkpoint_every steps."""
+        `step.update()`: metrics, then a checkpoint every compute.checkpoint_every steps and every
+        compute.checkpoint_every_minutes."""
         cfg = self.cfg
         self.start_step = start = self._resume(loader, states)
+        every = self.checkpoint_every()
+        minutes = cfg.compute.checkpoint_every_minutes
+        if every or minutes:
+            self.say("checkpoints: " + " and ".join(
+                ([f"every {every} steps"] if every else []) + ([f"every {minutes:g} min"] if minutes else [])), soft_wrap=True)
+        try:
+            trackers = Trackers.start(cfg, self.run_dir, enabled=self.rank == 0, say=self.say)
+        except BaseException:
+            loader.close()
+            raise
         log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
-                            start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
-        trained = 0
+                            start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard, trackers=trackers)
+        trained, status = 0, "failed"
+        self._last_save = _clock()
 
         def save(i: int):
             path = save_checkpoint(
@@ -412,6 +445,7 @@ class Engine:
             )
             if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
                 replace.drop_previous(self.out)
+            self._last_save = _clock()
             return path
 
         signals = contextlib.ExitStack()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
@@ -434,15 +468,16 @@ class Engine:
                     raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
                 dt = time.perf_counter() - t0
                 log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
-                saved = None
-                if cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
-                    saved = save(i)
+                signum, due = self._after_step()
+                saved = save(i) if (every and i % every == 0) or due else None
                 trained += 1
-                if signum := self._stop_signal():
+                if signum:
+                    status = "killed"
                     raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
+            status = "finished"
         finally:
             signals.close()
-            log.close()
+            log.close(status)
             loader.close()
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
         if start + trained == 0:
@@ -454,16 +489,26 @@ class Engine:
         if trained == 0:
             self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
 
-    def _stop_signal(self) -> int:
-        """The signal that stops the run after this step, agreed by every rank (0: go on): this
-        process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank."""
+    def checkpoint_every(self) -> int | None:
+        """compute.checkpoint_every in steps; `auto`: ceil(train.steps / 10)."""
+        every = self.cfg.compute.checkpoint_every
+        return math.ceil(self.cfg.train.steps / 10) if every == "auto" else every
+
+    def _after_step(self) -> tuple[int, bool]:
+        """What every rank does after this step, agreed in one all-reduce: the signal that stops the
+        run (0: go on), this process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank;
+        and whether compute.checkpoint_every_minutes have passed since the last checkpoint, by rank
+        0's clock (so that every rank saves after the same step)."""
         local = interrupt.requested() or 0
         if not local:
             try:
                 local = int(self.out.stop_request.read_text().strip() or 0)
             except (OSError, ValueError):
                 pass
-        return int(all_reduce(local, "max"))
+        minutes = self.cfg.compute.checkpoint_every_minutes
+        due = self.rank == 0 and minutes is not None and _clock() - self._last_save >= minutes * 60
+        signum, due = all_reduce_many([local, due], "max")
+        return int(signum), bool(due)
 
     def _interrupted(self, signum: int, step: int, saved: Path | None) -> interrupt.Interrupted:
         if saved is not None:
@@ -492,14 +537,43 @@ class Engine:
             "step": step.index, "epoch": micro[-1]["epoch"], "loss": loss, "lr": step.lr,
             "grad_norm": grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
             "step_time_s": dt, "data_wait": data_wait, "padding": 1 - real / slots,
-            "mfu": mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world),
-            "hfu": mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world),
         }
-        if self.frozen_models:
-            out["policy_mfu"] = mfu(model_flops / dt, self.peak, n_devices=self.world)
-            out["frozen_mfu"] = mfu(frozen / dt, self.peak, n_devices=self.world)
+        if self._plausible_peak((hw_flops + frozen) / dt / self.world):
+            out["mfu"] = mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world)
+            out["hfu"] = mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world)
+            if self.frozen_models:
+                out["policy_mfu"] = mfu(model_flops / dt, self.peak, n_devices=self.world)
+                out["frozen_mfu"] = mfu(frozen / dt, self.peak, n_devices=self.world)
+        else:  # no number rather than a nonsense one (an MFU of 5,000%)
+            out.update({k: None for k in ("mfu", "hfu", *(("policy_mfu", "frozen_mfu") if self.frozen_models else ()))})
+            out["mfu_unreliable"] = True
         out["peak_mem_gb"] = peak_memory_gb(self.device)
         return {**out, **dict(zip(names, values))}
+
+    def _plausible_peak(self, achieved: float) -> bool:
+        """Whether MFU can be reported: a device cannot run above its peak, so hardware FLOP/s per
+        device above `self.peak` means the peak is wrong; a CPU peak measured while the machine was
+        busy is the usual cause. A measured peak is measured again, once (rank 0: its metrics are the
+        ones logged); if the achieved rate is still above it, or the peak came from compute.peak_flops
+        or the GPU table, MFU is reported as unreliable (null, `mfu_unreliable: true`) for the rest
+        of the run, with one line saying why."""
+        if self.mfu_unreliable:
+            return False
+        if achieved <= self.peak or self.rank != 0:
+            return True
+        gf = 1e9
+        if self.peak_source == "measured":
+            old, self.peak = self.peak, max(self.peak, remeasure_peak(self.device, self.dtype))
+            self.peak_source = "re-measured"
+            if achieved <= self.peak:
+                self.say(f"MFU: the measured peak {old / gf:,.1f} GFLOP/s was below the achieved {achieved / gf:,.1f} GFLOP/s "
+                         f"(measured on a busy machine?); measured again: {self.peak / gf:,.1f} GFLOP/s", soft_wrap=True)
+                return True
+        self.mfu_unreliable = True
+        self.say(f"[yellow]MFU n/a[/]: the peak of {self.peak / gf:,.1f} GFLOP/s ({self.peak_source}) is implausible, below the "
+                 f"achieved {achieved / gf:,.1f} GFLOP/s per device; MFU is logged as null (mfu_unreliable: true) for the rest "
+                 "of the run. Set compute.peak_flops to the device's real peak FLOP/s", soft_wrap=True)
+        return False
 
     # ------------------------------------------------------------------------------ weights out
     def unsharded(self) -> torch.nn.Module | None:
