@@ -67,7 +67,7 @@ class WandbSink:
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).resolve().name, tags=cfg.tags or None,
                 mode=cfg.mode, dir=str(Path(cfg.dir or run_dir).resolve()), id=run_id, resume="allow",
-                config=job.model_dump(mode="json"), reinit="create_new",
+                config=job.model_dump(mode="json"), allow_val_change=True, reinit="create_new",
                 settings=wandb.Settings(console="off", save_code=False, silent=True),
             )
         except Exception as e:  # not logged in, no network in online mode, a bad entity

@@ -426,7 +426,7 @@ class Engine:
         minutes = cfg.compute.checkpoint_every_minutes
         if every or minutes:
             self.say("checkpoints: " + " and ".join(
-                ([f"every {every} steps"] if every else []) + ([f"every {minutes:g} min"] if minutes else [])), soft_wrap=True)
+                ([f"every {every} steps" if every > 1 else "every step"] if every else []) + ([f"every {minutes:g} min"] if minutes else [])), soft_wrap=True)
         try:
             trackers = Trackers.start(cfg, self.run_dir, enabled=self.rank == 0, say=self.say)
         except BaseException:
