@@ -1,5 +1,5 @@
 # The two Quickstart commands. Each sets up .venv (scripts/setup_env.sh) and then runs.
-.PHONY: demo test setup clean distill-demo dpo-demo grpo-demo config-docs
+.PHONY: demo test setup clean distill-demo dpo-demo grpo-demo eval-demo config-docs
 
 setup:
 	@bash scripts/setup_env.sh
@@ -44,6 +44,17 @@ grpo-demo: setup
 	.venv/bin/posttrain run examples/grpo_demo.yaml --overwrite
 	.venv/bin/python examples/check_grpo.py runs/demo/hf
 	.venv/bin/python examples/check_grpo.py runs/grpo_demo/hf --min 0.6
+
+# Evaluation example: the base model against the SFT demo's export (`make demo` first if it is missing),
+# and the DPO / GRPO demos' exports when they exist, on examples/eval_demo.yaml; then the SFT export
+# against itself. examples/check_eval.py reads both results.json: every export must beat the base
+# significantly, and the self-comparison must show no significant difference.
+EVAL_MODELS = examples/.cache/tiny-qwen3 runs/demo/hf $(foreach m,runs/dpo_demo/hf runs/grpo_demo/hf,$(if $(wildcard $(m)/model.safetensors),$(m)))
+eval-demo: setup
+	test -f runs/demo/hf/model.safetensors || $(MAKE) demo
+	.venv/bin/posttrain eval examples/eval_demo.yaml $(foreach m,$(EVAL_MODELS),--model $(m)) --out runs/eval_demo
+	.venv/bin/posttrain eval examples/eval_demo.yaml --model runs/demo/hf --model runs/demo/hf --out runs/eval_demo_self
+	.venv/bin/python examples/check_eval.py runs/eval_demo runs/eval_demo_self
 
 clean:
 	rm -rf runs examples/.cache

@@ -18,6 +18,9 @@ held-out prompt is unseen (same phrasings, new numbers), and a held-out pair is 
 the rule. Prompts come as a string or as a message list (sometimes with a system prompt), answers
 as a string or an assistant message: both record formats of posttrain.data.pairs.
 
+demo_eval.jsonl (evaluation, examples/eval_demo.yaml): prompt records {prompt, answer, task} of the
+demo's four task families, 40 each, drawn with their own seed; scored by exact match of the answer.
+
 grpo_prompts.jsonl / grpo_heldout.jsonl (GRPO, examples/grpo_demo.yaml; scored by
 examples/check_grpo.py): prompts {prompt, answer} asking for a sum of two digits in phrasings the SFT
 data never uses ("Compute the sum of 3 and 4."). The SFT model knows "Add 3 and 4." but answers the
@@ -47,8 +50,11 @@ WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "r
 SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly."]
 
 
-def qa(rng):
-    kind = rng.randrange(4)
+TASKS = ["capital", "addition", "spelling", "opposite"]
+
+
+def qa(rng, kind=None):
+    kind = rng.randrange(4) if kind is None else kind
     if kind == 0:
         c = rng.choice(list(CAPITALS))
         return f"What is the capital of {c}?", f"The capital of {c} is {CAPITALS[c]}."
@@ -140,6 +146,11 @@ def main(n=2000, seed=0, n_pairs=800, n_heldout=200):
     rng.shuffle(train)
     write_jsonl(data / "grpo_prompts.jsonl", train)
     write_jsonl(data / "grpo_heldout.jsonl", sum_prompts(sorted(pairs[:30])))
+
+    # Evaluation prompts (examples/eval_demo.yaml): the demo's four task families, 40 questions each,
+    # with the reference answer and the family as fields (the report slices by `task`)
+    rng = random.Random(5)
+    write_jsonl(data / "demo_eval.jsonl", [dict(zip(("prompt", "answer"), qa(rng, k)), task=TASKS[k]) for k in range(4) for _ in range(40)])
 
 
 if __name__ == "__main__":

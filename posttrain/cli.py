@@ -1,5 +1,6 @@
 """`posttrain run JOB.yaml [key.path=value ...]`, `posttrain validate JOB.yaml`, `posttrain preview JOB.yaml`,
-`posttrain verify MODEL_DIR`, `posttrain generate MODEL_DIR --prompt ...`, `posttrain chat MODEL_DIR`."""
+`posttrain verify MODEL_DIR`, `posttrain generate MODEL_DIR --prompt ...`, `posttrain chat MODEL_DIR`,
+`posttrain eval SUITE.yaml --model DIR [--model DIR ...] --out OUT`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--export", metavar="DIR", help="keep the checked export in DIR (default: a temporary dir)")
     f.add_argument("--skip-export", action="store_true", help="do not check an export")
     f.add_argument("--allow-unverified", action="store_true", help="run on an architecture not in the family table")
+    ev = sub.add_parser("eval", help="evaluate model dirs on a suite and compare them to the first (the baseline): "
+                        "OUT/results.json, OUT/report.html, OUT/report.md, OUT/samples/")
+    ev.add_argument("suite", help="suite YAML file (see docs/eval.md)")
+    ev.add_argument("overrides", nargs="*", help="key.path=value overrides of the suite, e.g. tasks.0.max_samples=50")
+    ev.add_argument("--model", action="append", required=True, metavar="DIR",
+                    help="an exported or any HF model dir; repeat to compare (the first is the baseline)")
+    ev.add_argument("--out", required=True, help="output directory")
     pv = sub.add_parser("preview", help="show samples as the model sees them (trained tokens highlighted) and token "
                         "statistics of the data, without loading the model's weights")
     pv.add_argument("job", help="job YAML file")
@@ -146,6 +154,19 @@ def _main(argv: list[str] | None) -> int:
                 return 0
             system = [{"role": "system", "content": args.system}] if args.system else []
             print(gen.complete([*system, {"role": "user", "content": args.prompt}], **kw))
+            return 0
+        if args.cmd == "eval":
+            try:
+                import matplotlib  # noqa: F401
+                import scipy  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"posttrain eval needs scipy and matplotlib ({e}): pip install 'posttrain[eval]'") from None
+            from .workflow.evaluate import evaluate, load_suite, summary
+
+            results = evaluate(load_suite(args.suite, args.overrides), args.model, args.out,
+                               log=lambda m: print(m, file=sys.stderr))
+            print(summary(results))
+            print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'}")
             return 0
         if args.cmd == "preview":
             from .data.preview import preview

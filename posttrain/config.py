@@ -103,6 +103,10 @@ class DataSource(Strict):
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1, description="sources mixed by weight, deterministically from train.seed")
+    eval_sources: list[DataSource] | None = Field(
+        None, min_length=1, description="held-out data evaluated every train.eval_every steps: the same schema, record formats, "
+        "transforms, chat template, masking and packing as `sources`; read once in full (one pass, unshuffled, weights "
+        "ignored), each worker its share of the records")
     storage_options: dict[str, Any] = Field({}, description="fsspec options, e.g. {endpoint_url: ...} for S3")
     format: RecordFormat = Field("auto", description="record format of every source without its own; auto picks per record: "
                                  "messages | conversations (sharegpt) | instruction (alpaca) | prompt+completion | text")
@@ -149,6 +153,22 @@ class TrainConfig(Strict):
         "its final value, min_lr_ratio x lr), rescale (from the resumed step on, the LR of a schedule over the new "
         "train.steps, as if the run had been started with it; the LR may jump). See docs/reliability.md")
 
+    eval_every: int | None = Field(
+        None, ge=1, description="optimizer steps between evaluations on data.eval_sources, and one after the last step "
+        "(null: no evaluation); the recipe's own loss on held-out data and its metrics, logged as `eval/...` with the step")
+    eval_max_batches: int | None = Field(
+        None, ge=1, description="micro-batches each worker evaluates (the first ones of its share; null: all of data.eval_sources)")
+    best_metric: str = Field(
+        "eval/loss", description="the evaluation metric (`eval/...`) that picks the best step, named with its checkpoint "
+        "in <output_dir>/best.json, and that early stopping watches")
+    best_mode: Literal["min", "max"] = Field("min", description="min: lower best_metric is better (a loss); max: higher (an accuracy)")
+    keep_best: bool = Field(
+        True, description="write a checkpoint at each evaluation that improves best_metric and keep it whatever "
+        "compute.keep_checkpoints says (false: best.json names the best step, checkpoints follow compute.checkpoint_every)")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations in a row without improving best_metric by more than "
+        "early_stopping_min_delta (null: never); the run checkpoints, exports and ends normally")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="the least change of best_metric that counts as an improvement")
 
 class WandbConfig(Strict):
     project: str | None = Field(None, description="W&B project (null: W&B's default, WANDB_PROJECT or `uncategorized`)")
@@ -213,6 +233,8 @@ class ExportConfig(Strict):
     merge_lora: bool = Field(True, description="merge LoRA adapters into the weights (false: the adapter only)")
     sample_prompts: list[str] = Field([], description="prompts answered greedily by the exported checkpoint at the end")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per sample prompt")
+    best: bool = Field(False, description="also export the best checkpoint (train.best_metric; needs train.eval_every and "
+                       "train.keep_best) to <output_dir>/hf-best, loaded in one process on the CPU")
 
 
 class JobConfig(Strict):
@@ -253,6 +275,29 @@ class JobConfig(Strict):
             raise ValueError(f"{section}: recipe {self.recipe!r} takes no section of its own")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation(self):
+        """Evaluation during training needs held-out data and an interval, both or neither."""
+        t, d = self.train, self.data
+        if t.eval_every is not None and not d.eval_sources:
+            raise ValueError("train.eval_every is set but data.eval_sources is not: name the held-out data to evaluate "
+                             "(data.eval_sources, like data.sources), or remove train.eval_every")
+        if d.eval_sources and t.eval_every is None:
+            raise ValueError("data.eval_sources is set but train.eval_every is not: set train.eval_every (optimizer steps "
+                             "between evaluations), or remove data.eval_sources")
+        if t.early_stopping_patience is not None and t.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs evaluations: set train.eval_every and data.eval_sources")
+        if not t.best_metric.startswith("eval/"):
+            raise ValueError(f"train.best_metric: {t.best_metric!r} is not an evaluation metric; name one logged as "
+                             "`eval/...` (e.g. eval/loss)")
+        if self.export.best and (t.eval_every is None or not t.keep_best):
+            raise ValueError("export.best needs a best checkpoint: set train.eval_every (with data.eval_sources) and "
+                             "keep train.keep_best: true")
+        if d.eval_sources and self.recipe in NO_EVAL_RECIPES:
+            raise ValueError(f"data.eval_sources: recipe {self.recipe!r} has no evaluation during training (its data are "
+                             f"prompts whose completions it generates); remove data.eval_sources and train.eval_every")
+        return self
+
     @property
     def section(self) -> BaseModel | None:
         """The recipe's own section (e.g. the DPOConfig of a `dpo:` job), None if it has none."""
@@ -266,6 +311,9 @@ class JobConfig(Strict):
         for i, src in enumerate(self.data.sources):
             if src.transform:
                 paths[f"data.sources[{i}].transform"] = src.transform
+        for i, src in enumerate(self.data.eval_sources or []):
+            if src.transform:
+                paths[f"data.eval_sources[{i}].transform"] = src.transform
         return paths
 
 
@@ -275,6 +323,7 @@ RECIPES = {
     "distill": "posttrain.recipes.distill:run",
     "grpo": "posttrain.recipes.grpo:run",
 }
+NO_EVAL_RECIPES = ("grpo",)  # built-in recipes without evaluation during training
 
 
 def recipe_path(recipe: str) -> str:
@@ -534,12 +583,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple, str]:
     for item in overrides:
         path, value = parse_override(item)
         node = raw
-        for i, part in enumerate(path[:-1]):
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-        origin[tuple(path)] = item
+        loc: list = []
+        for i, part in enumerate(path):
+            if isinstance(node, list):  # a list entry by index: data.sources.0.weight=2
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is a list of {len(node)}; "
+                                      f"{part!r} is not an index of it")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is not a section")
+            loc.append(key)
+            if i == len(path) - 1:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[key]
+        origin[tuple(loc)] = item
     return origin
 
 
@@ -575,6 +637,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
             msg = msg[0].lower() + msg[1:] if msg else msg
             if err["type"] == "extra_forbidden":
                 msg = unknown_key_msg(err["loc"][-1], keys_at(root, tuple(err["loc"][:-1])))
+            if not loc and err["type"] == "value_error":  # a check across sections: its message names the key
+                msg = msg.removeprefix("value error, ")
+                msgs.append(f"{where(tuple(msg.split()[0].rstrip(':').split('.')))}: {msg}")
+                continue
             msgs.append(f"{where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
 
     # The recipe's own section is checked against its Config model, other top-level keys against
@@ -645,16 +711,7 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
     next to the job file (a module in the current directory is imported from there as it is).
     `model.chat_template` naming a file is made absolute too."""
     def fix(spec):
-        if not isinstance(spec, str) or ":" not in spec:
-            return spec
-        file, _, attr = spec.rpartition(":")
-        if file.endswith(".py"):
-            for base in (job_dir, Path.cwd()):
-                if (base / file).is_file():
-                    return f"{(base / file).resolve()}:{attr}"
-        elif not _importable(file) and (found := _module_file(file, job_dir)) is not None:
-            return f"{found.resolve()}:{attr}"
-        return spec
+        return absolute_import_path(spec, job_dir)
 
     raw["recipe"] = fix(raw.get("recipe"))
     model = raw.get("model")
@@ -665,13 +722,29 @@ def _absolute_file_paths(raw: dict, job_dir: Path) -> None:
     if isinstance(data, dict):
         if "transform" in data:
             data["transform"] = fix(data["transform"])
-        for src in data.get("sources") or []:
+        for src in [s for k in ("sources", "eval_sources") if isinstance(data.get(k), list) for s in data[k]]:
             if isinstance(src, dict) and "transform" in src:
                 src["transform"] = fix(src["transform"])
     for section in raw.values():  # a recipe section's reward functions (grpo.rewards[i].fn)
         for reward in (section.get("rewards") if isinstance(section, dict) else None) or []:
             if isinstance(reward, dict) and "fn" in reward:
                 reward["fn"] = fix(reward["fn"])
+
+
+def absolute_import_path(spec, base_dir: Path):
+    """An import path as a job or suite file names it, made absolute: `path/to/file.py:fn` found
+    next to the file (`base_dir`), then in the current directory; `module:fn` when `module` is not
+    importable but is a file next to it. Anything else is returned as it is."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    file, _, attr = spec.rpartition(":")
+    if file.endswith(".py"):
+        for base in (base_dir, Path.cwd()):
+            if (base / file).is_file():
+                return f"{(base / file).resolve()}:{attr}"
+    elif not _importable(file) and (found := _module_file(file, base_dir)) is not None:
+        return f"{found.resolve()}:{attr}"
+    return spec
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:

@@ -97,6 +97,9 @@ def sections() -> list[tuple[str, list]]:
             head = (section, "section", "required" if required else "(its defaults)",
                     f"only with recipe: {name}; the recipe's own section (typed by {model.__module__}.{model.__name__})")
             out.append((f"`{section}:` (recipe {name})", [head, *rows(model, f"{section}.")]))
+    from .workflow.evaluate import SuiteConfig  # imports config itself
+
+    out.append(("Evaluation suite file (`posttrain eval SUITE.yaml`; see docs/eval.md)", rows(SuiteConfig)))
     return out
 
 

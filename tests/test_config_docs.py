@@ -5,6 +5,7 @@ from pathlib import Path
 
 from posttrain.config import RECIPES, JobConfig, job_schema, recipe_section
 from posttrain.config_docs import BEGIN, DOC, END, render, rows, updated
+from posttrain.workflow.evaluate import SuiteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fields of posttrain/recipes/grpo.py without a description yet (that file is owned elsewhere); the
@@ -25,7 +26,7 @@ def test_docs_config_md_is_up_to_date():
 
 def test_every_schema_field_has_a_description():
     missing = set()
-    tables = [rows(JobConfig)] + [rows(m, f"{s}.") for s, m in (recipe_section(r) for r in RECIPES) if m is not None]
+    tables = [rows(JobConfig), rows(SuiteConfig)] + [rows(m, f"{s}.") for s, m in (recipe_section(r) for r in RECIPES) if m is not None]
     for table in tables:
         missing |= {key for key, _, _, desc in table if not desc.strip()}
     assert not missing, f"fields without a description: {sorted(missing)}"

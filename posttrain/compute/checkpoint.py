@@ -126,8 +126,11 @@ def save_checkpoint(
     meta: dict,
     states: dict | None = None,
     keep: int | None = None,
+    keep_also: str | None = None,
 ) -> Path:
     """`states`: this rank's recipe states (name -> state_dict), restored by `load_checkpoint`.
+    `keep`: the newest K checkpoints stay, older ones are removed, except `keep_also` (a checkpoint
+    name such as `step_00000300`: the best one).
     Every rank learns of a failure on any rank (a collective, never a hang); the temporary directory
     is removed whatever the failure, including an interrupt."""
     rank, world = rank_world()
@@ -171,7 +174,8 @@ def save_checkpoint(
         raise
     if rank == 0 and keep:
         for old in complete_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != keep_also:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

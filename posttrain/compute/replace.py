@@ -29,7 +29,7 @@ def check_job(cfg: JobConfig) -> None:
     from ..data.sources import Source
     from ..data.tokenizer import load_tokenizer
 
-    for s in cfg.data.sources:
+    for s in cfg.data.sources + (cfg.data.eval_sources or []):
         Source._expand(s.path, cfg.data.storage_options)
     m = cfg.model
     try:

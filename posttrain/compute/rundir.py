@@ -7,9 +7,11 @@
         tracking.json          the W&B / MLflow run ids (compute.wandb, compute.mlflow): a resume continues them
         wandb/                 W&B's own files (compute.wandb, unless compute.wandb.dir says elsewhere)
         checkpoints/           step_N/ dirs and the `latest` pointer (compute/checkpoint.py)
+        best.json              with train.eval_every: the best evaluation so far and its checkpoint
         <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
         .stop-request          written by a driver on Ctrl-C/SIGTERM: its workers stop after the step
         hf/                    the final export; hf-step_N/ from `posttrain export`
+        hf-best/               with export.best: the export of the best checkpoint
 """
 
 from __future__ import annotations
@@ -50,12 +52,20 @@ class RunDir:
         return self.root / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        return self.root / "best.json"
+
+    @property
     def hf(self) -> Path:
         return self.root / "hf"
 
     @property
     def stop_request(self) -> Path:
         return self.root / ".stop-request"
+
+    @property
+    def hf_best(self) -> Path:
+        return self.root / "hf-best"
 
     def export_of(self, ckpt_dir: Path) -> Path:
         return self.root / f"hf-{Path(ckpt_dir).name}"

@@ -11,6 +11,7 @@
                        teacher's k most likely ids, renormalised]
             loss     = (1 - alpha) * sum D / N + alpha * sum CE(student, label) / N
         backward, clip, AdamW, schedule
+    every train.eval_every steps: the same loss over all target tokens of data.eval_sources
     chunked: neither model's [tokens, vocab] logits ever exist (posttrain.model.kd)
 """
 
@@ -23,6 +24,7 @@ from pydantic import Field
 
 from ..config import JobConfig, Strict
 from ..model.kd import batch_kd_loss, selected_hidden
+from ..model.loss import count_targets
 from ..workflow.engine import Engine
 
 
@@ -46,12 +48,23 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
     teacher = job.frozen(c.teacher)
     kd = dict(divergence=c.divergence, beta=c.beta, temperature=c.temperature, top_k=c.top_k,
               chunk_tokens=cfg.model.loss_chunk_tokens, vocab_size=job.vocab, with_ce=c.alpha > 0)
-    for step in job.steps(job.loader()):
+
+    def losses(b: dict):
+        t_hidden = teacher.forward(selected_hidden, b, job.vocab)
+        with teacher.gathered():  # the teacher's head runs inside the student's loss
+            return job.forward(batch_kd_loss, b, teacher.model, t_hidden, **kd)
+
+    def held_out(b: dict) -> dict:
+        out, n = losses(b), count_targets(b["labels"])
+        if out.ce_sum is None:
+            return {"loss": (out.kd_sum, n)}
+        return {"loss": [(out.kd_sum, n, 1 - c.alpha), (out.ce_sum, n, c.alpha)], "kd_loss": (out.kd_sum, n),
+                "ce_loss": (out.ce_sum, n)}
+
+    for step in job.steps(job.loader(), eval_fn=held_out):
         n = step.targets()
         for b in step.micro:
-            t_hidden = teacher.forward(selected_hidden, b, job.vocab)
-            with teacher.gathered():  # the teacher's head runs inside the student's loss
-                out = job.forward(batch_kd_loss, b, teacher.model, t_hidden, **kd)
+            out = losses(b)
             kd_part = out.kd_sum / n
             if out.ce_sum is None:
                 step.backward(kd_part, kd_loss=kd_part)

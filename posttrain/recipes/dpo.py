@@ -13,6 +13,8 @@
             loss       = sum_i loss_i / P  [+ rpo_alpha * NLL of the chosen tokens / their count]
         backward, clip, AdamW, schedule
     log rewards beta * (pi - r) of each side, their margin and accuracy, log-probs
+    every train.eval_every steps: the same loss and rewards over all pairs of data.eval_sources (the
+    reference computed live there, also with precompute_reference)
 """
 
 from __future__ import annotations
@@ -58,15 +60,29 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
             table = job.precompute("reference_logps", lambda b: _rows(live(b)), encode_pair_record)
             ref = lambda b: _from_rows(torch.stack([table[w] for w in b["unit_where"]]).to(job.device))  # noqa: E731
 
-    for step in job.steps(job.loader(encode_pair_record)):
+    def pair_losses(b: dict, ref_fn) -> tuple[PairLogps, torch.Tensor, torch.Tensor, torch.Tensor]:
+        pi, r = job.forward(pair_logps, b, **logps), ref_fn(b) if ref_fn else None
+        return pi, *preference_loss(
+            pi.normalised() if norm else pi, (r.normalised() if norm else r) if r else None,
+            loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
+        )
+
+    def held_out(b: dict) -> dict:
+        """Sums over one held-out batch's pairs (the reference live: no precomputed row covers them)."""
+        pi, losses, rw_c, rw_r = pair_losses(b, live if ref else None)
+        n = len(b["unit_docs"])
+        out = {"loss": (losses.sum(), n), "rewards/chosen": (rw_c.sum(), n), "rewards/rejected": (rw_r.sum(), n),
+               "rewards/margin": ((rw_c - rw_r).sum(), n), "rewards/accuracy": ((rw_c > rw_r).sum(), n)}
+        if c.rpo_alpha:
+            out["nll_loss"] = nll = (-pi.chosen.sum(), float(pair_token_counts(b)[0].sum()))
+            out["loss"] = [(losses.sum(), n, 1.0), (*nll, c.rpo_alpha)]
+        return out
+
+    for step in job.steps(job.loader(encode_pair_record), eval_fn=held_out):
         pairs = step.total(lambda b: len(b["unit_docs"]))
         chosen_tokens = step.total(lambda b: float(pair_token_counts(b)[0].sum())) if c.rpo_alpha else None
         for b in step.micro:
-            pi, r = job.forward(pair_logps, b, **logps), ref(b) if ref else None
-            losses, rw_c, rw_r = preference_loss(
-                pi.normalised() if norm else pi, (r.normalised() if norm else r) if r else None,
-                loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
-            )
+            pi, losses, rw_c, rw_r = pair_losses(b, ref)
             loss = losses.sum() / pairs
             extra = {}
             if c.rpo_alpha:

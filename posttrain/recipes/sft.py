@@ -9,6 +9,7 @@
                                                             of per-micro-batch means)
         MoE: + coef * sum_j (n_j / N) * aux_j              (router load balancing, as transformers)
         backward per micro-batch, clip, AdamW, schedule    (the engine: log, checkpoint, resume)
+    every train.eval_every steps: eval/loss = CE_sum / target tokens over all of data.eval_sources
     export the HF model, sample from it
 """
 
@@ -17,14 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import JobConfig
-from ..model.loss import lm_loss, router_aux_settings, token_mean_share
+from ..model.loss import ce_sum, lm_loss, router_aux_settings, token_mean_share
 from ..workflow.engine import Engine
 
 
 def run(cfg: JobConfig, run_dir: Path) -> dict:
     job = Engine.setup(cfg, run_dir)
     _, aux_coef = router_aux_settings(job.model)
-    for step in job.steps(job.loader()):
+    held_out = lambda b: {"loss": job.forward(ce_sum, b, job.vocab, chunk_tokens=cfg.model.loss_chunk_tokens)}  # noqa: E731
+    for step in job.steps(job.loader(), eval_fn=held_out):
         n = step.targets()
         for b in step.micro:
             parts = job.forward(lm_loss, b, job.vocab, chunk_tokens=cfg.model.loss_chunk_tokens)

@@ -3,7 +3,7 @@
     job = Engine.setup(cfg, run_dir)          # device/dtype/threads, tokenizer, policy (LoRA, padded
                                               # vocab, checkpointing), FSDP2 root, optimizer, schedule
     ref = job.frozen("adapters")              # a reference / teacher: no grad, sharded like the policy
-    for step in job.steps(job.loader(), **states):   # resume first; log + checkpoint after each step
+    for step in job.steps(job.loader(), eval_fn=held_out, **states):  # resume; log, evaluate, checkpoint
         n = step.total(fn)                    # a normaliser over the *global* step (all micro-batches, ranks)
         for b in step.micro:                  # this rank's micro-batches
             out = job.forward(loss_fn, b)     # any loss fn(model, batch) inside the FSDP2 root
@@ -11,7 +11,8 @@
         step.update()                         # clip, optimizer, schedule, zero grads
     return job.finish()                       # gather, export <output_dir>/hf, samples
 
-No class to subclass and no hooks: a recipe is a loop that calls these. Conventions a recipe keeps:
+No class to subclass and no hooks into the loop: a recipe is a loop that calls these. Conventions a
+recipe keeps:
 - `step.backward(loss, **metrics)`: `loss` and every metric are this micro-batch's *share* of the
   global step value (divided by a global count from `step.total`), so summing them over micro-batches
   and ranks gives the step's value. The engine scales the backward for FSDP2's gradient average.
@@ -19,11 +20,15 @@ No class to subclass and no hooks: a recipe is a loop that calls these. Conventi
   training FLOPs (`policy_mfu`); `mfu` is their sum over the step time.
 - Any object with `state_dict`/`load_state_dict` passed to `steps(...)` is checkpointed per rank and
   restored on resume, with the model, optimizer, schedule, data loader and RNG.
+- `eval_fn(batch) -> {name: (sum, count)}`: the recipe's loss (and metrics) on one held-out batch as
+  sums and their counts, for evaluation during training (`train.eval_every`, `data.eval_sources`;
+  see workflow/evaluation.py). A recipe that passes none refuses `train.eval_every`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -60,6 +65,10 @@ from ..model.hf import decoder_layers, unwrap
 from ..model.load import load_model
 from ..model.loss import count_targets
 from ..model.sample import sample_chat
+from .evaluation import Best, EvalFn, Sums
+from .export import export_checkpoint
+
+_BEST = "posttrain.best"  # the engine's own entry among a checkpoint's states: evaluation.Best
 
 _clock = time.monotonic  # the wall clock of compute.checkpoint_every_minutes (a test moves it)
 
@@ -227,6 +236,14 @@ class Engine:
         self._copy: torch.nn.Module | None = None  # rank 0's unsharded copy for gathers (see unsharded)
         self.losses: list[float] = []
         self.start_step = 0
+        # more evaluations (a benchmark suite): hook(engine, step) -> {name: value}, run on every
+        # worker after the held-out loss at every evaluation; the same names on every worker,
+        # worker 0's values count (all workers then take the same best / early-stopping decisions);
+        # logged as `eval/<name>` with the held-out loss
+        self.eval_hooks: list[Callable[["Engine", int], dict[str, float]]] = []
+        self._held_out: list[dict] | None = None  # this rank's held-out micro-batches (CPU), read once
+        self.best: Best | None = None
+        self.stopped_early: str | None = None  # why the run stopped before train.steps (early stopping)
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainable)
         attn = unwrap(self.model).config._attn_implementation
@@ -336,6 +353,57 @@ class Engine:
         self.say(f"{name}: {len(table)} units precomputed in {time.perf_counter() - t0:.1f} s -> {path.name}")
         return table
 
+    # ------------------------------------------------------------------------------ evaluation
+    def _read_held_out(self, encode: Callable | None) -> list[dict]:
+        """This rank's share of data.eval_sources, packed like the training data, in file order."""
+        d = self.cfg.data
+        cfg = d.model_copy(update={"sources": d.eval_sources, "max_epochs": 1, "shuffle": False, "on_exhausted": "drop"})
+        kw = {"encode": encode} if encode is not None else {}
+        loader = DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
+                            background=False, **kw)
+        cap = self.cfg.train.eval_max_batches
+        batches = [b for _, b in zip(range(cap) if cap else itertools.count(), loader)]
+        if not all_reduce(len(batches)):
+            paths = ", ".join(s.path for s in d.eval_sources)
+            raise ConfigError(f"data.eval_sources ({paths}) gave no batch ({loader.stats.summary()}); check the files "
+                              "and data.on_bad_record")
+        return batches
+
+    def evaluate(self, eval_fn: EvalFn, step: int, *, encode: Callable | None = None, spare: dict | None = None) -> dict[str, float]:
+        """`eval/<name>` metrics of `eval_fn` over the whole held-out set (all ranks; a collective),
+        then of every `eval_hooks` entry. Ranks run the same number of forwards (a sharded forward is
+        a collective): one with fewer batches repeats its last one (or `spare`) and discards it."""
+        t0 = time.perf_counter()
+        if self._held_out is None:
+            self._held_out = self._read_held_out(encode)
+        local = self._held_out
+        n = int(all_reduce(len(local), "max"))
+        frozen_flops = [fz.flops for fz in self.frozen_models]  # an evaluation's forwards are no step's
+        sums = Sums()
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for j in range(n):
+                    batch = local[j] if j < len(local) else (local[-1] if local else spare)
+                    sums.add(eval_fn(self._to_device(batch)), count=j < len(local))
+        finally:
+            self.model.train(was)
+            for fz, f in zip(self.frozen_models, frozen_flops):
+                fz.flops = f
+        values = sums.values(all_reduce_many(sums.flat()) if sums.terms else [])
+        for hook in self.eval_hooks:  # worker 0's values count (a suite may run there alone)
+            extra = hook(self, step)
+            names = sorted(extra)
+            values.update(zip(names, all_reduce_many([float(extra[k]) if self.rank == 0 else 0.0 for k in names])))
+        out = {f"eval/{k}": v for k, v in values.items()}
+        out["eval/time_s"] = time.perf_counter() - t0
+        return out
+
+    def _eval_due(self, i: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and (i % every == 0 or i == self.cfg.train.steps)
+
     # ------------------------------------------------------------------------------ the loop
     def _meta(self) -> dict:
         return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
@@ -398,6 +466,7 @@ class Engine:
                 self.say(f"[yellow]{changed}", soft_wrap=True)
             loader.load_state_dict(state["data"])
             saved = state.get("states") or {}
+            self._resume_best(saved.get(_BEST), path, state["meta"].get("config"))
             for name, obj in states.items():
                 if name not in saved:
                     raise ConfigError(f"{path}: the checkpoint has no state {name!r} (written by another recipe?)")
@@ -416,13 +485,37 @@ class Engine:
                                   "or start afresh with --overwrite (or another compute.output_dir)")
         return 0
 
-    def steps(self, loader: DataLoader, **states: Any) -> Iterator[Step]:
+    def _resume_best(self, saved: dict | None, path, config: dict | None) -> None:
+        if self.best is None:
+            return
+        new = self.cfg.model_dump(mode="json")["data"]["eval_sources"]
+        if saved is not None and config is not None and config.get("data", {}).get("eval_sources") != new:
+            self.say(f"data.eval_sources changed since {path} was written: the best {self.best.metric} starts afresh",
+                     soft_wrap=True)
+        elif saved is None:
+            self.say(f"{path} holds no evaluation state (written without train.eval_every): the best {self.best.metric} "
+                     "starts afresh", soft_wrap=True)
+        elif not self.best.load_state_dict(saved):
+            self.say(f"{path} tracked the best {saved.get('metric')} ({saved.get('mode')}); train.best_metric is now "
+                     f"{self.best.metric} ({self.best.mode}): the best starts afresh", soft_wrap=True)
+        if self.rank == 0:  # best.json may be ahead of the checkpoint resumed from
+            self.best.write(self.out.best)
+
+    def steps(self, loader: DataLoader, *, eval_fn: EvalFn | None = None, **states: Any) -> Iterator[Step]:
         """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
-        `step.update()`: metrics, then a checkpoint every compute.checkpoint_every steps and every
-        compute.checkpoint_every_minutes."""
+        `step.update()`: evaluation every train.eval_every steps (`eval_fn`, see the module docstring),
+        metrics, then a checkpoint every compute.checkpoint_every steps and every
+        compute.checkpoint_every_minutes, at a new best evaluation (train.keep_best) and when early
+        stopping ends the run."""
         cfg = self.cfg
+        if cfg.train.eval_every and eval_fn is None:
+            raise ConfigError(f"train.eval_every: recipe {cfg.recipe!r} does not evaluate during training (it passes no "
+                              "eval_fn to Engine.steps); remove train.eval_every and data.eval_sources")
+        if cfg.train.eval_every:
+            self.best = Best(cfg.train, keep_checkpoint=cfg.train.keep_best)
+        encode = getattr(getattr(loader, "stream", None), "encode", None)  # held-out data: the training encoding
         self.start_step = start = self._resume(loader, states)
-        every = self.checkpoint_every()
+        every = checkpoint_interval(cfg)
         minutes = cfg.compute.checkpoint_every_minutes
         if every or minutes:
             self.say("checkpoints: " + " and ".join(
@@ -438,10 +531,13 @@ class Engine:
         self._last_save = _clock()
 
         def save(i: int):
+            mine = {k: v.state_dict() for k, v in states.items()}
+            if self.best is not None:
+                mine[_BEST] = self.best.state_dict()
             path = save_checkpoint(
                 self.out.checkpoints, i, model=self.model, optimizer=self.opt, scheduler=self.sched,
-                data_state=loader.state_dict(), states={k: v.state_dict() for k, v in states.items()},
-                meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+                data_state=loader.state_dict(), states=mine, meta=self._meta(), keep=cfg.compute.keep_checkpoints,
+                keep_also=self.best.checkpoint if self.best is not None else None,
             )
             if self.rank == 0:  # the run is resumable now: a run it replaces (--overwrite) can go
                 replace.drop_previous(self.out)
@@ -450,8 +546,13 @@ class Engine:
 
         signals = contextlib.ExitStack()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (all ranks)
         signals.enter_context(interrupt.deferred())
+        if self.best is not None and self.best.stop and start < cfg.train.steps:  # resumed after early stopping
+            self.stopped_early = self.best.why()
+            self.say(f"[bold]{self.stopped_early}[/]; resumed at step {start}: nothing more to train", soft_wrap=True)
         try:
             for i in range(start + 1, cfg.train.steps + 1):
+                if self.stopped_early:
+                    break
                 t0, wait0 = time.perf_counter(), loader.wait_s
                 if hasattr(loader, "next_step"):  # a step's data made on demand (RL rollouts)
                     micro = loader.next_step(i) or []
@@ -467,10 +568,28 @@ class Engine:
                 if not step.updated:
                     raise RuntimeError(f"recipe {cfg.recipe!r} did not call step.update() in step {i}")
                 dt = time.perf_counter() - t0
-                log.log(self._step_metrics(step, dt, (loader.wait_s - wait0) / dt))
+                metrics = self._step_metrics(step, dt, (loader.wait_s - wait0) / dt)
+                improved = evaluated = False
+                if self._eval_due(i):
+                    metrics.update(evaluated := self.evaluate(eval_fn, i, encode=encode, spare=micro[0]))
+                    improved = self.best.observe(i, evaluated)
+                    if self.best.stop:
+                        self.stopped_early = self.best.why()
+                log.log(metrics)
+                if evaluated:
+                    shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in evaluated.items() if k != "eval/time_s")
+                    self.say(f"eval {i:>5}  {shown}  ({self.best.summary()})", soft_wrap=True)
                 signum, due = self._after_step()
-                saved = save(i) if (every and i % every == 0) or due else None
+                saved = None
+                if (every and i % every == 0) or due or self.stopped_early or (improved and cfg.train.keep_best):
+                    saved = save(i)
+                if self._eval_due(i) and self.rank == 0:
+                    self.best.write(self.out.best)
                 trained += 1
+                if self.stopped_early:
+                    self.say(f"[bold]{self.stopped_early}[/]; stopped after step {i} of {cfg.train.steps}, checkpoint "
+                             f"{saved} written", soft_wrap=True)
+                    break
                 if signum:
                     status = "killed"
                     raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else None))
@@ -486,13 +605,8 @@ class Engine:
                 f"no training step ran: data.sources ({sources}) gave no batch ({loader.stats.summary()}); "
                 "nothing was exported. Check the data files, data.on_bad_record and data.max_epochs"
             )
-        if trained == 0:
+        if trained == 0 and not self.stopped_early:
             self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
-
-    def checkpoint_every(self) -> int | None:
-        """compute.checkpoint_every in steps; `auto`: ceil(train.steps / 10)."""
-        every = self.cfg.compute.checkpoint_every
-        return math.ceil(self.cfg.train.steps / 10) if every == "auto" else every
 
     def _after_step(self) -> tuple[int, bool]:
         """What every rank does after this step, agreed in one all-reduce: the signal that stops the
@@ -603,11 +717,19 @@ class Engine:
         if model is None:
             return {"steps": steps, "rank": self.rank}
         result = {"steps": steps, "losses": self.losses, "start_step": self.start_step, "run_dir": str(self.run_dir), **extra}
+        if self.best is not None:
+            result["best"] = self.best.state_dict()
+        if self.stopped_early:
+            result["stopped_early"] = self.stopped_early
         if cfg.export.enabled:
             out = export_hf(model, self.tokenizer, self.out.hf, merge_lora=cfg.export.merge_lora,
                             meta={"base_model": cfg.model.path, "steps": steps, "recipe": cfg.recipe})
             result["export_dir"] = str(out)
             console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(self.tokenizer)[:12]})")
+            if cfg.export.best and self.best is not None and self.best.checkpoint:
+                best = export_checkpoint(self.out.checkpoints / self.best.checkpoint, self.out.hf_best)
+                result["best_export_dir"] = str(best)
+                console.print(f"[bold green]best HF checkpoint:[/] {best}  ({self.best.summary()})", soft_wrap=True)
             if cfg.export.sample_prompts:
                 texts = sample_chat(out, cfg.export.sample_prompts, max_new_tokens=cfg.export.max_new_tokens)
                 for prompt, text in zip(cfg.export.sample_prompts, texts):

@@ -47,19 +47,25 @@ class Scored:
 
 
 class Rewards:
-    def __init__(self, specs: list[RewardSpec], *, on_error: Literal["error", "zero"] = "error", key: str = "rewards"):
-        if not specs:
-            raise ConfigError(f"{key}: at least one reward function is needed")
-        self.on_error = on_error
-        self.fns: list[tuple[str, float, Callable]] = []
+    """`specs` by import path, or `functions` given as (name, weight, fn) (evaluation's built-in
+    scorers); `what` names them in errors ("reward function", "scorer")."""
+
+    def __init__(self, specs: list[RewardSpec] = (), *, on_error: Literal["error", "zero"] = "error", key: str = "rewards",
+                 functions: list[tuple[str, float, Callable]] = (), what: str = "reward function", on_error_key: str = "reward_on_error"):
+        if not specs and not functions:
+            raise ConfigError(f"{key}: at least one {what} is needed")
+        self.on_error, self.what, self.on_error_key = on_error, what, on_error_key
+        self.fns: list[tuple[str, float, Callable]] = list(functions)
         for i, s in enumerate(specs):
             fn = resolve_import_path(s.fn, key=f"{key}[{i}].fn")
             self.fns.append((s.name or getattr(fn, "__name__", f"reward_{i}"), s.weight, fn))
         names = [n for n, _, _ in self.fns]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{key}: two reward functions share the name {names}; give each a distinct `name`")
+            raise ConfigError(f"{key}: two {what}s share the name {names}; give each a distinct `name`")
 
-    def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]], columns: dict[str, list]) -> Scored:
+    def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]], columns: dict[str, list],
+                 ids: list[str] | None = None) -> Scored:
+        """`ids`: a sample id per completion (e.g. file:line), named in errors."""
         t0 = time.perf_counter()
         n = len(completions)
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
@@ -67,7 +73,7 @@ class Rewards:
         total = torch.zeros(n, dtype=torch.float64)
         per_fn, errors = {}, {}
         for (name, weight, _), out in zip(self.fns, raw):
-            values, bad = self._check(name, out, n)
+            values, bad = self._check(name, out, n, ids)
             per_fn[name], errors[name] = values, bad
             total += weight * values
         return Scored(total.float(), {k: v.float() for k, v in per_fn.items()}, errors, time.perf_counter() - t0)
@@ -93,20 +99,22 @@ class Rewards:
                 outs[i] = out
         return outs
 
-    def _check(self, name: str, out, n: int) -> tuple[torch.Tensor, int]:
+    def _check(self, name: str, out, n: int, ids: list[str] | None) -> tuple[torch.Tensor, int]:
+        what = f"{self.what} {name!r}"
         if isinstance(out, Exception):
             if self.on_error == "error":
                 frame = traceback.extract_tb(out.__traceback__)[-1] if out.__traceback__ else None
                 at = f" at {frame.filename}:{frame.lineno}" if frame else ""
-                raise RewardError(f"reward function {name!r} raised {type(out).__name__}: {out}{at} "
-                                  "(reward_on_error: zero scores such completions 0 and counts them)") from out
+                batch = f" on the batch of samples {ids[0]} .. {ids[-1]}" if ids else ""
+                raise RewardError(f"{what} raised {type(out).__name__}: {out}{at}{batch} "
+                                  f"({self.on_error_key}: zero scores such completions 0 and counts them)") from out
             return torch.zeros(n, dtype=torch.float64), n
         try:
             values = list(out)
         except TypeError:
-            raise RewardError(f"reward function {name!r} returned {type(out).__name__}, expected a list of {n} numbers") from None
+            raise RewardError(f"{what} returned {type(out).__name__}, expected a list of {n} numbers") from None
         if len(values) != n:
-            raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions")
+            raise RewardError(f"{what} returned {len(values)} values for {n} completions")
         result, bad = torch.zeros(n, dtype=torch.float64), 0
         for i, v in enumerate(values):
             if v is None:
@@ -114,7 +122,8 @@ class Rewards:
             ok = isinstance(v, numbers.Real) and math.isfinite(float(v))  # bools count as 0/1
             if not ok:
                 if self.on_error == "error":
-                    raise RewardError(f"reward function {name!r} returned {v!r} for completion {i}; expected a finite number or None")
+                    sample = f" (sample {ids[i]})" if ids else ""
+                    raise RewardError(f"{what} returned {v!r} for completion {i}{sample}; expected a finite number or None")
                 bad += 1
                 continue
             result[i] = float(v)

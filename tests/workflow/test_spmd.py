@@ -93,6 +93,27 @@ def test_two_workers_log_one_wandb_offline_run(ray_local, tiny_qwen3, fixed_len_
     assert [(read_meta(p)["step"], read_meta(p)["world_size"]) for p in complete_checkpoints(out / "checkpoints")] == [(1, 2), (2, 2), (3, 2)]
 
 
+def _evals(run_dir):
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/") and k != "eval/time_s"} for r in rows if "eval/loss" in r}
+
+
+def test_eval_one_vs_two_workers_same_values(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """7 held-out records of one micro-batch each: worker 0 evaluates 4, worker 1 evaluates 3 (and
+    repeats one forward it discards); the sums over both equal one worker's over all 7."""
+    rng = random.Random(1)
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": " ".join(rng.choice(WORDS) for _ in range(40))} for _ in range(7)])
+    for out, workers, accum in ((tmp_path / "w1", 1, 2), (tmp_path / "w2", 2, 1)):
+        job = _job(tiny_qwen3, fixed_len_data, out, workers, accum)
+        job["train"]["eval_every"] = 2
+        job["data"]["eval_sources"] = [{"path": str(heldout)}]
+        run_job(JobConfig.model_validate(job))
+    one, two = _evals(tmp_path / "w1"), _evals(tmp_path / "w2")
+    assert sorted(one) == sorted(two) == [2, 4]
+    assert all(abs(one[s]["eval/loss"] - two[s]["eval/loss"]) < 1e-5 for s in one), (one, two)
+    assert one[4]["eval/loss"] < one[2]["eval/loss"]
+
+
 def test_worker_death_restarts_from_checkpoint(ray_local, tiny_qwen3, fixed_len_data, tmp_path, capsys):
     recs = [json.loads(l) for l in fixed_len_data.read_text().splitlines()]
     data = tmp_path / "d.jsonl"
@@ -207,10 +228,12 @@ def test_dpo_one_worker_four_micro_equals_two_workers_two_micro(ray_local, tiny_
     the same pairs in every step; the loss divides by the global pair count. Full fine-tuning with a
     sharded frozen copy, and LoRA with the adapters-off reference under FSDP2."""
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(24))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", make_pairs(29)[24:])  # 5 pairs: 3 on worker 0, 2 on worker 1
 
     def job(out, workers, accum):
-        j = job_dict(tiny_qwen3, data, out, recipe="dpo", data={"shuffle": False, "buffer_size": 1},
-                     train={"steps": 3, "grad_accum": accum, "lr": 1e-2}, compute={"workers": workers},
+        j = job_dict(tiny_qwen3, data, out, recipe="dpo",
+                     data={"shuffle": False, "buffer_size": 1, "eval_sources": [{"path": str(heldout)}]},
+                     train={"steps": 3, "grad_accum": accum, "lr": 1e-2, "eval_every": 3}, compute={"workers": workers},
                      model={"lora": {"rank": 4}} if reference == "adapters" else {})
         j["dpo"] = {"reference": reference, "rpo_alpha": 0.5}
         return j
@@ -222,6 +245,10 @@ def test_dpo_one_worker_four_micro_equals_two_workers_two_micro(ray_local, tiny_
     assert len(one) == len(two) == 3
     for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "nll_loss"):
         assert max(abs(a[key] - b[key]) for a, b in zip(one, two)) < 1e-6, key
+    e1, e2 = _evals(tmp_path / "w1")[3], _evals(tmp_path / "w2")[3]
+    assert set(e1) == set(e2) == {f"eval/{k}" for k in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected",
+                                                        "rewards/margin", "rewards/accuracy")}
+    assert all(abs(e1[k] - e2[k]) < 1e-5 for k in e1), (e1, e2)
     assert one[-1]["loss"] < one[0]["loss"]
     w1, w2 = _weights(tmp_path / "w1"), _weights(tmp_path / "w2")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4  # AdamW magnifies fp32 summation order
@@ -235,7 +262,13 @@ def test_distill_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len
     for out, workers, accum in ((tmp_path / "w1", 1, 2), (tmp_path / "w2", 2, 1)):
         job = _job(tiny_qwen3, fixed_len_data, out, workers, accum, steps=3)
         job.update(recipe="distill", distill={"teacher": str(teacher), "divergence": "reverse_kl", "alpha": 0.5})
+        job["train"]["eval_every"] = 3
+        job["data"]["eval_sources"] = [{"path": str(fixed_len_data)}]  # 24 records: 12 on each worker
         run_job(JobConfig.model_validate(job))
     one, two = _losses(tmp_path / "w1"), _losses(tmp_path / "w2")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-6, (one, two)
+    e1, e2 = _evals(tmp_path / "w1")[3], _evals(tmp_path / "w2")[3]
+    assert set(e1) == {"eval/loss", "eval/kd_loss", "eval/ce_loss"}
+    assert abs(e1["eval/loss"] - (0.5 * e1["eval/kd_loss"] + 0.5 * e1["eval/ce_loss"])) < 1e-9
+    assert all(abs(e1[k] - e2[k]) < 1e-5 for k in e1), (e1, e2)
