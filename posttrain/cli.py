@@ -14,7 +14,7 @@ from . import __version__
 from .compute import interrupt, replace
 from .compute.checkpoint import CheckpointError, find_latest, is_complete
 from .compute.rundir import RunDir
-from .config import ConfigError, JobConfig, dump_config, job_schema, load_config, load_recipe
+from .config import ConfigError, JobConfig, check_tracking, dump_config, job_schema, load_config, load_recipe
 from .workflow.rewards import RewardError
 
 
@@ -106,6 +106,7 @@ def _run(cfg: JobConfig, run: RunDir, ray_address: str | None) -> dict:
             f"compute.output_dir: {run_dir} already holds a run without a checkpoint to resume; choose "
             "another output_dir or pass --overwrite to replace it"
         )
+    check_tracking(cfg)  # a missing wandb / mlflow package: one line before anything starts
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -156,6 +156,12 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     seed: int = Field(0, description="random seed of the run: data order, mixer and torch RNG")
     log_every: int = Field(1, ge=1, description="optimizer steps between metric lines")
+    on_steps_change: Literal["error", "continue", "rescale"] = Field(
+        "error", description="resuming with another train.steps than the checkpoint's learning-rate schedule was laid "
+        "over: error (stop, naming the choices), continue (keep the checkpoint's schedule: past its end the LR stays at "
+        "its final value, min_lr_ratio x lr), rescale (from the resumed step on, the LR of a schedule over the new "
+        "train.steps, as if the run had been started with it; the LR may jump). See docs/reliability.md")
+
     eval_every: int | None = Field(
         None, ge=1, description="optimizer steps between evaluations on data.eval_sources, and one after the last step "
         "(null: no evaluation); the recipe's own loss on held-out data and its metrics, logged as `eval/...` with the step")
@@ -177,6 +183,24 @@ class TrainConfig(Strict):
         "early_stopping_min_delta (null: never); the run checkpoints, exports and ends normally")
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="the least change of best_metric that counts as an improvement")
 
+class WandbConfig(Strict):
+    project: str | None = Field(None, description="W&B project (null: W&B's default, WANDB_PROJECT or `uncategorized`)")
+    name: str | None = Field(None, description="display name of the run (null: the output_dir's folder name)")
+    tags: list[str] = Field([], description="tags of the run")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: stream to the W&B server; offline: write the run under `dir` only (upload later "
+        "with `wandb sync`); disabled: no W&B at all")
+    entity: str | None = Field(None, description="W&B team or user (null: your default entity)")
+    dir: str | None = Field(None, description="where W&B writes its files, a `wandb/` folder inside (null: the output_dir)")
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store, e.g. http://host:5000 or sqlite:///mlflow.db (null: "
+        "MLFLOW_TRACKING_URI, else MLflow's default); a local file store also needs MLFLOW_ALLOW_FILE_STORE=true")
+    experiment: str | None = Field(None, description="experiment name, created if missing (null: MLflow's `Default`)")
+    run_name: str | None = Field(None, description="name of the run (null: the output_dir's folder name)")
+
 
 class ComputeConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda when available, else cpu")
@@ -195,9 +219,14 @@ class ComputeConfig(Strict):
     tensorboard: bool = Field(False, description="also write TensorBoard events to <output_dir>/tensorboard")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
     progress: bool = Field(True, description="a rich progress bar on the console")
-    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
+    checkpoint_every: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="optimizer steps between checkpoints; auto: ceil(train.steps / 10), about ten per run "
+        "(null: no step-based checkpoints)")
+    checkpoint_every_minutes: float | None = Field(
+        30.0, gt=0, description="also write a checkpoint once this many minutes of wall-clock time have passed since the "
+        "last one (or the start), by rank 0's clock, broadcast so every worker saves after the same step (null: off)")
     async_checkpoint: bool = Field(
-        False, description="periodic checkpoints (checkpoint_every) are copied at the step and written by a background "
+        False, description="periodic checkpoints (checkpoint_every, checkpoint_every_minutes) are copied at the step and written by a background "
         "thread while training goes on, then made visible (atomically, as always) at the first step boundary where every "
         "worker's write is done; until then the previous checkpoint is the resume point. Checkpoints on interrupt, at a "
         "new best and at early stopping stay synchronous")
@@ -205,6 +234,12 @@ class ComputeConfig(Strict):
     checkpoint_on_interrupt: bool = Field(
         True, description="on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (every "
         "worker at the same step), so the run resumes from there; a second signal stops at once")
+    wandb: WandbConfig | None = Field(
+        None, description="log every step's metrics to Weights & Biases, from rank 0 only: one W&B run per job (the run "
+        "id is kept in <output_dir>/tracking.json, so a resume continues the same run); needs `pip install wandb`")
+    mlflow: MlflowConfig | None = Field(
+        None, description="log every step's metrics to MLflow, from rank 0 only: one MLflow run per job (the run id is "
+        "kept in <output_dir>/tracking.json, so a resume continues the same run); needs `pip install mlflow-skinny`")
     # auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a path
     resume: str = Field(
         "auto", description="auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a "
@@ -439,6 +474,25 @@ def resolve_import_path(spec: str, *, key: str) -> Any:
     return obj
 
 
+# --------------------------------------------------------------------------------------- tracking
+TRACKING_PACKAGES = {"wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow-skinny")}
+
+
+def check_tracking(cfg: JobConfig) -> None:
+    """A configured tracking sink (compute.wandb, compute.mlflow) needs its package installed."""
+    for key, (module, install) in TRACKING_PACKAGES.items():
+        section = getattr(cfg.compute, key)
+        if section is None or getattr(section, "mode", None) == "disabled":
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"compute.{key}: the {module!r} package is not installed; {install} (or pip install "
+                              f"'posttrain[tracking]'), or remove compute.{key} from the job")
+
+
 # ----------------------------------------------------------------------------- models and templates
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -644,6 +698,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         except ConfigError as e:
             src = origin.get(tuple(key.split(".")))
             raise ConfigError(f"{f'override {src!r}' if src else path}: {e}") from None
+    # A tracking sink whose package is missing fails now, not at the first step.
+    try:
+        check_tracking(cfg)
+    except ConfigError as e:
+        key = next(k for k in ("wandb", "mlflow") if f"compute.{k}:" in str(e))
+        raise ConfigError(f"{where(('compute', key))}: {e}") from None
     # Model, tokenizer and template that cannot be there fail now too.
     checks = [("model.path", lambda: check_model_source(cfg.model.path, key="model.path", revision=cfg.model.revision))]
     if cfg.model.tokenizer:

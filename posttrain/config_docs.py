@@ -9,7 +9,7 @@ import json
 import re
 import types
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import BaseModel
@@ -33,6 +33,9 @@ def type_name(ann) -> str:
     if ann is type(None):
         return "null"
     origin = get_origin(ann)
+    if origin is Annotated:  # a constrained member of a union, `Annotated[int, Field(ge=1)]`: int (≥ 1)
+        inner, *meta = get_args(ann)
+        return type_name(inner) + _bounds(types.SimpleNamespace(metadata=[m for f in meta for m in getattr(f, "metadata", [f])]))
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in get_args(ann))
     if origin in (Union, types.UnionType):

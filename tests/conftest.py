@@ -3,6 +3,7 @@
 import json
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -89,13 +90,15 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 def job_dict(model_dir, data_path, out_dir, **sections) -> dict:
-    """A small SFT job as a dict (the YAML file's content); `sections` update it per section."""
+    """A small SFT job as a dict (the YAML file's content); `sections` update it per section.
+    Periodic checkpoints are off (`checkpoint_every: null`): the default, auto, would write one after
+    nearly every step of these few-step runs (~80 ms each); tests of checkpointing set it."""
     job = {
         "recipe": "sft",
         "model": {"path": str(model_dir), "dtype": "float32"},
         "data": {"sources": [{"path": str(data_path)}], "max_seq_len": 128, "max_tokens_per_batch": 512},
         "train": {"lr": 1e-3, "steps": 4, "seed": 0},
-        "compute": {"device": "cpu", "output_dir": str(out_dir), "progress": False},
+        "compute": {"device": "cpu", "output_dir": str(out_dir), "progress": False, "checkpoint_every": None},
     }
     for k, v in sections.items():
         job.setdefault(k, {}).update(v) if isinstance(v, dict) else job.__setitem__(k, v)
@@ -267,3 +270,44 @@ def write_layout(root: Path, layout: str, records: list[dict]) -> dict:
         datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(root / "dd")
         return {"path": str(root / "dd")}
     raise ValueError(layout)
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B transaction log (`run-<id>.wandb`): a 7-byte file header, then
+    LevelDB-log chunks (checksum, length, type) in 32 KiB blocks; each record a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, buf, out = path.read_bytes(), 7, b"", []
+    assert raw[:4] == b":W&B", path
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[pos: pos + 7])
+        if kind == 0:
+            break
+        buf += raw[pos + 7: pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def wandb_offline_runs(root: Path) -> dict[str, dict]:
+    """{offline run dir name: {"id", "project", "name", "tags", "history": {step: {key: value}}}}."""
+    runs = {}
+    for d in sorted((root / "wandb").glob("offline-run-*")):
+        (log,) = d.glob("run-*.wandb")
+        info = {"history": {}}
+        for rec in wandb_records(log):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                info.update(id=rec.run.run_id, project=rec.run.project, name=rec.run.display_name, tags=list(rec.run.tags))
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                info["history"][rec.history.step.num] = items
+        runs[d.name] = info
+    return runs

@@ -5,7 +5,7 @@
             model_optim/      torch.distributed.checkpoint (sharded on N ranks): trainable weights + AdamW
             rank_00000.pt     per rank: data-loader state (cursors, mixer, packer buffer), RNG states,
                               and the recipe's own registered states
-            trainer.pt        LR scheduler, step
+            trainer.pt        LR scheduler (with the length its schedule spans: train.on_steps_change), step
             meta.json         step, world size, tokenizer fingerprint, resolved config; written last
         latest             name of the newest complete checkpoint, replaced atomically
         .step_00000400.tmp/   a save in progress (or killed): never picked up, removed on the next start

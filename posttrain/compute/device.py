@@ -141,6 +141,16 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype, override: float |
     return measure_matmul_peak(device.type, dtype, torch.get_num_threads() if device.type == "cpu" else None)
 
 
+def remeasure_peak(device: torch.device | str, dtype: torch.dtype) -> float:
+    """Measure the matmul peak again (the cached figure is dropped): when an achieved rate showed the
+    first measurement was too low, e.g. taken while other processes held the cores."""
+    device = torch.device(device)
+    measure_matmul_peak.cache_clear()
+    if device.type == "cuda":
+        return measure_matmul_peak("cuda", dtype, n=4096)
+    return measure_matmul_peak(device.type, dtype, torch.get_num_threads() if device.type == "cpu" else None)
+
+
 def mfu(flops_per_s: float, peak: float, n_devices: int = 1) -> float:
     """Fraction of peak: achieved FLOP/s over `n_devices` x `peak` (per-device peak)."""
     return flops_per_s / (peak * n_devices) if peak > 0 else 0.0

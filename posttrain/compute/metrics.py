@@ -1,7 +1,7 @@
 """Per-step metrics: a rich progress bar on the console and one JSON line per step in the run dir.
 
-`posttrain.compute.metrics.add_sink(fn)` registers a user hook (W&B, MLflow, ...) called with every
-step's metrics dict.
+`posttrain.compute.metrics.add_sink(fn)` registers a user hook called with every step's metrics dict;
+W&B and MLflow are built in (compute.wandb, compute.mlflow: compute/tracking.py).
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def complete_lines(path: Path) -> list[str]:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, progress: bool = True, log_every: int = 1, start_step: int = 0,
-                 enabled: bool = True, tensorboard: bool = False):
-        """`enabled=False` (ranks other than 0) makes every call a no-op."""
+                 enabled: bool = True, tensorboard: bool = False, trackers=None):
+        """`enabled=False` (ranks other than 0) makes every call a no-op. `trackers`: the job's W&B /
+        MLflow sinks (compute/tracking.py), closed by `close`."""
         self.enabled = enabled
+        self.trackers = trackers
         self.path = RunDir(run_dir).metrics
         self._fh = None  # opened at the first step: a run that fails before it leaves no metrics
         self._tb = None
@@ -92,6 +94,8 @@ class MetricsLogger:
         self._fh.write(json.dumps(metrics) + "\n")
         for sink in _SINKS:
             sink(metrics)
+        if self.trackers is not None:
+            self.trackers.log(metrics)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -100,14 +104,19 @@ class MetricsLogger:
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
         if "reward/mean" in metrics:  # on-policy RL: the number a user watches
             info = f"reward {metrics['reward/mean']:.3f}  " + info
-        if "mfu" in metrics:
+        if metrics.get("mfu") is not None:
             info += f"  MFU {metrics['mfu']:.1%}"
+        elif metrics.get("mfu_unreliable"):
+            info += "  MFU n/a"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         if step % self.log_every == 0 or step == 1:
             (self._progress.console if self._progress else console).print(f"step {step:>5}  {info}")
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """`status`: finished, killed (an interrupt) or failed, for the tracking runs."""
+        if self.trackers is not None:
+            self.trackers.close(status)
         if not self.enabled:
             return
         if self._progress is not None:

@@ -4,6 +4,8 @@
         config.yaml            the resolved job (defaults filled in)
         metrics.jsonl          one line per step
         tensorboard/           with compute.tensorboard: true
+        tracking.json          the W&B / MLflow run ids (compute.wandb, compute.mlflow): a resume continues them
+        wandb/                 W&B's own files (compute.wandb, unless compute.wandb.dir says elsewhere)
         checkpoints/           step_N/ dirs and the `latest` pointer (compute/checkpoint.py)
         best.json              with train.eval_every: the best evaluation so far and its checkpoint
         <name>.rank_N.pt       data precomputed once before training (e.g. reference log-probs)
@@ -40,6 +42,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
 
     @property
     def checkpoints(self) -> Path:

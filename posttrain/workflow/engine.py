@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,12 @@ from ..compute.checkpoint import (
     set_aside_unreadable,
     unreadable_reason,
 )
-from ..compute.device import choose_device, choose_dtype, mfu, peak_flops, seed_everything
+from ..compute.device import choose_device, choose_dtype, gpu_peak, mfu, peak_flops, remeasure_peak, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
 from ..compute.optim import build_optimizer, build_scheduler
 from ..compute.rundir import RunDir
+from ..compute.tracking import Trackers
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.loader import DataLoader
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
@@ -68,6 +70,14 @@ from .evaluation import Best, EvalFn, Sums
 from .export import export_checkpoint
 
 _BEST = "posttrain.best"  # the engine's own entry among a checkpoint's states: evaluation.Best
+
+_clock = time.monotonic  # the wall clock of compute.checkpoint_every_minutes (a test moves it)
+
+
+def checkpoint_interval(cfg: JobConfig) -> int | None:
+    """compute.checkpoint_every in steps; `auto`: ceil(train.steps / 10), about ten per run."""
+    every = cfg.compute.checkpoint_every
+    return math.ceil(cfg.train.steps / 10) if every == "auto" else every
 
 
 class NothingTrained(RuntimeError):
@@ -214,9 +224,14 @@ class Engine:
         self.model.train()
         self.flops = FlopCounter.from_model(self.model, vocab_size=self.vocab)  # documents, targets, LoRA, recompute
         self.peak = peak_flops(self.device, self.dtype, override=cfg.compute.peak_flops)  # calibrated before step 1
+        self.peak_source = "compute.peak_flops" if cfg.compute.peak_flops else (
+            "the GPU table" if self.device.type == "cuda" and gpu_peak(torch.cuda.get_device_name(self.device), self.dtype)
+            else "measured")
+        self.mfu_unreliable = False  # see _plausible_peak
         self.root = self._shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
         self.opt = build_optimizer(self.model, cfg.train)
+        self.updates_per_step = updates_per_step
         self.sched = build_scheduler(self.opt, cfg.train, cfg.train.steps * updates_per_step)
         self.frozen_models: list[Frozen] = []
         self._copy: torch.nn.Module | None = None  # rank 0's unsharded copy for gathers (see unsharded)
@@ -430,7 +445,7 @@ class Engine:
         reported and the next older one tried, all ranks together."""
         root = self.out.checkpoints
         if self.rank == 0:  # leftovers of a killed save or write; nothing is being written yet
-            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml"])
+            junk = clean_leftovers(root) + atomic.remove_temporaries(self.run_dir, ["metrics.jsonl", "config.yaml", "tracking.json"])
             if junk:
                 self.say(f"removed leftovers of an interrupted write: {', '.join(p.name for p in junk)}", soft_wrap=True)
         unreadable = []
@@ -450,6 +465,12 @@ class Engine:
             if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
                 raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
             self._check_same_sources(path, state["meta"].get("config"))
+            old_steps = ((state["meta"].get("config") or {}).get("train") or {}).get("steps")
+            changed = self.sched.on_resume(
+                self.cfg.train.steps * self.updates_per_step, self.updates_per_step, self.cfg.train.on_steps_change,
+                fallback=old_steps * self.updates_per_step if old_steps else None, where=f"checkpoint {path}")
+            if changed:
+                self.say(f"[yellow]{changed}", soft_wrap=True)
             loader.load_state_dict(state["data"])
             saved = state.get("states") or {}
             self._resume_best(saved.get(_BEST), path, state["meta"].get("config"))
@@ -490,8 +511,9 @@ class Engine:
     def steps(self, loader: DataLoader, *, eval_fn: EvalFn | None = None, **states: Any) -> Iterator[Step]:
         """One `Step` per optimizer step, resuming from the newest checkpoint first; after the recipe's
         `step.update()`: evaluation every train.eval_every steps (`eval_fn`, see the module docstring),
-        metrics, then a checkpoint every compute.checkpoint_every steps, at a new best evaluation
-        (train.keep_best) and when early stopping ends the run."""
+        metrics, then a checkpoint every compute.checkpoint_every steps and every
+        compute.checkpoint_every_minutes, at a new best evaluation (train.keep_best) and when early
+        stopping ends the run."""
         cfg = self.cfg
         if cfg.train.eval_every and eval_fn is None and cfg.data.eval_sources:
             raise ConfigError(f"train.eval_every: recipe {cfg.recipe!r} does not evaluate during training (it passes no "
@@ -500,9 +522,20 @@ class Engine:
             self.best = Best(cfg.train, keep_checkpoint=cfg.train.keep_best)
         encode = getattr(getattr(loader, "stream", None), "encode", None)  # held-out data: the training encoding
         self.start_step = start = self._resume(loader, states)
+        every = checkpoint_interval(cfg)
+        minutes = cfg.compute.checkpoint_every_minutes
+        if every or minutes:
+            self.say("checkpoints: " + " and ".join(
+                ([f"every {every} steps" if every > 1 else "every step"] if every else []) + ([f"every {minutes:g} min"] if minutes else [])), soft_wrap=True)
+        try:
+            trackers = Trackers.start(cfg, self.run_dir, enabled=self.rank == 0, say=self.say)
+        except BaseException:
+            loader.close()
+            raise
         log = MetricsLogger(self.run_dir, cfg.train.steps, progress=cfg.compute.progress, log_every=cfg.train.log_every,
-                            start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard)
-        trained = 0
+                            start_step=start, enabled=self.rank == 0, tensorboard=cfg.compute.tensorboard, trackers=trackers)
+        trained, status = 0, "failed"
+        self._last_save = _clock()
 
         pending: list[PendingSave] = []  # a checkpoint being written in the background (compute.async_checkpoint)
 
@@ -516,6 +549,7 @@ class Engine:
 
         def save(i: int, background: bool = False) -> Path | None:
             finish_pending()
+            self._last_save = _clock()
             mine = {k: v.state_dict() for k, v in states.items()}
             if self.best is not None:
                 mine[_BEST] = self.best.state_dict()
@@ -566,12 +600,13 @@ class Engine:
                 if evaluated:
                     shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in evaluated.items() if k != "eval/time_s")
                     self.say(f"eval {i:>5}  {shown}  ({self.best.summary()})", soft_wrap=True)
+                signum, due, busy = self._after_step(busy=bool(pending) and not pending[0].ready())
                 saved = None
-                if pending and int(all_reduce(int(pending[0].ready()), "min")):  # every rank's background write is done
+                if pending and not busy:  # every rank's background write is done: make it visible
                     finish_pending()
                 if self.stopped_early or (improved and cfg.train.keep_best):
                     saved = save(i)
-                elif cfg.compute.checkpoint_every and i % cfg.compute.checkpoint_every == 0:
+                elif (every and i % every == 0) or due:
                     saved = save(i, background=cfg.compute.async_checkpoint)
                 if self._eval_due(i) and self.rank == 0:
                     self.best.write(self.out.best)
@@ -580,14 +615,16 @@ class Engine:
                     self.say(f"[bold]{self.stopped_early}[/]; stopped after step {i} of {cfg.train.steps}, checkpoint "
                              f"{saved} written", soft_wrap=True)
                     break
-                if signum := self._stop_signal():
+                if signum:
                     if pending and pending[0].step == i:  # this step's checkpoint is being written: finish it
                         saved = finish_pending()
+                    status = "killed"
                     raise self._interrupted(signum, i, saved or (save(i) if cfg.compute.checkpoint_on_interrupt else finish_pending()))
             finish_pending()  # the last background checkpoint, before the export
+            status = "finished"
         finally:
             signals.close()
-            log.close()
+            log.close(status)
             loader.close()
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
         if start + trained == 0:
@@ -599,16 +636,22 @@ class Engine:
         if trained == 0 and not self.stopped_early:
             self.say(f"nothing left to train: resumed at step {start} of train.steps={cfg.train.steps}")
 
-    def _stop_signal(self) -> int:
-        """The signal that stops the run after this step, agreed by every rank (0: go on): this
-        process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank."""
+    def _after_step(self, busy: bool = False) -> tuple[int, bool, bool]:
+        """What every rank does after this step, agreed in one all-reduce: the signal that stops the
+        run (0: go on), this process's (Ctrl-C, SIGTERM) or the driver's stop request, on any rank;
+        whether compute.checkpoint_every_minutes have passed since the last checkpoint, by rank
+        0's clock (so that every rank saves after the same step); and whether any rank is still
+        writing a background checkpoint (`busy`: this rank is)."""
         local = interrupt.requested() or 0
         if not local:
             try:
                 local = int(self.out.stop_request.read_text().strip() or 0)
             except (OSError, ValueError):
                 pass
-        return int(all_reduce(local, "max"))
+        minutes = self.cfg.compute.checkpoint_every_minutes
+        due = self.rank == 0 and minutes is not None and _clock() - self._last_save >= minutes * 60
+        signum, due, busy = all_reduce_many([local, due, busy], "max")
+        return int(signum), bool(due), bool(busy)
 
     def _interrupted(self, signum: int, step: int, saved: Path | None) -> interrupt.Interrupted:
         if saved is not None:
@@ -637,14 +680,43 @@ class Engine:
             "step": step.index, "epoch": micro[-1]["epoch"], "loss": loss, "lr": step.lr,
             "grad_norm": grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
             "step_time_s": dt, "data_wait": data_wait, "padding": 1 - real / slots,
-            "mfu": mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world),
-            "hfu": mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world),
         }
-        if self.frozen_models:
-            out["policy_mfu"] = mfu(model_flops / dt, self.peak, n_devices=self.world)
-            out["frozen_mfu"] = mfu(frozen / dt, self.peak, n_devices=self.world)
+        if self._plausible_peak((hw_flops + frozen) / dt / self.world):
+            out["mfu"] = mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world)
+            out["hfu"] = mfu((hw_flops + frozen) / dt, self.peak, n_devices=self.world)
+            if self.frozen_models:
+                out["policy_mfu"] = mfu(model_flops / dt, self.peak, n_devices=self.world)
+                out["frozen_mfu"] = mfu(frozen / dt, self.peak, n_devices=self.world)
+        else:  # no number rather than a nonsense one (an MFU of 5,000%)
+            out.update({k: None for k in ("mfu", "hfu", *(("policy_mfu", "frozen_mfu") if self.frozen_models else ()))})
+            out["mfu_unreliable"] = True
         out["peak_mem_gb"] = peak_memory_gb(self.device)
         return {**out, **dict(zip(names, values))}
+
+    def _plausible_peak(self, achieved: float) -> bool:
+        """Whether MFU can be reported: a device cannot run above its peak, so hardware FLOP/s per
+        device above `self.peak` means the peak is wrong; a CPU peak measured while the machine was
+        busy is the usual cause. A measured peak is measured again, once (rank 0: its metrics are the
+        ones logged); if the achieved rate is still above it, or the peak came from compute.peak_flops
+        or the GPU table, MFU is reported as unreliable (null, `mfu_unreliable: true`) for the rest
+        of the run, with one line saying why."""
+        if self.mfu_unreliable:
+            return False
+        if achieved <= self.peak or self.rank != 0:
+            return True
+        gf = 1e9
+        if self.peak_source == "measured":
+            old, self.peak = self.peak, max(self.peak, remeasure_peak(self.device, self.dtype))
+            self.peak_source = "re-measured"
+            if achieved <= self.peak:
+                self.say(f"MFU: the measured peak {old / gf:,.1f} GFLOP/s was below the achieved {achieved / gf:,.1f} GFLOP/s "
+                         f"(measured on a busy machine?); measured again: {self.peak / gf:,.1f} GFLOP/s", soft_wrap=True)
+                return True
+        self.mfu_unreliable = True
+        self.say(f"[yellow]MFU n/a[/]: the peak of {self.peak / gf:,.1f} GFLOP/s ({self.peak_source}) is implausible, below the "
+                 f"achieved {achieved / gf:,.1f} GFLOP/s per device; MFU is logged as null (mfu_unreliable: true) for the rest "
+                 "of the run. Set compute.peak_flops to the device's real peak FLOP/s", soft_wrap=True)
+        return False
 
     # ------------------------------------------------------------------------------ weights out
     def unsharded(self) -> torch.nn.Module | None:

@@ -18,7 +18,7 @@ pytest.importorskip("ray")
 from posttrain.cli import run_job  # noqa: E402
 from posttrain.config import JobConfig  # noqa: E402
 
-from conftest import ROOT, job_dict, make_pairs, write_jsonl  # noqa: E402
+from conftest import ROOT, job_dict, make_pairs, wandb_offline_runs, write_jsonl  # noqa: E402
 
 WORDS = "the cat sat on a mat and the dog ran to the big red ball while birds sang".split()
 
@@ -72,6 +72,25 @@ def test_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len_data, t
     assert w1.keys() == w2.keys()
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-5, worst
+
+
+def test_two_workers_log_one_wandb_offline_run(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """Only rank 0 tracks: one W&B run for the job, with every step's metrics. The minutes-based
+    checkpoint (due after every step here) is decided by rank 0's clock and taken by both ranks."""
+    pytest.importorskip("wandb")
+    from posttrain.compute.checkpoint import complete_checkpoints, read_meta
+
+    out = tmp_path / "run"
+    job = _job(tiny_qwen3, fixed_len_data, out, 2, 1, steps=3, checkpoint_every_minutes=1e-9,
+               wandb={"project": "posttrain-tests", "name": "two-workers", "mode": "offline"})
+    run_job(JobConfig.model_validate(job))
+    [run] = wandb_offline_runs(out).values()  # one run, not one per worker
+    assert run["id"] == json.loads((out / "tracking.json").read_text())["wandb"]["id"] and run["name"] == "two-workers"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(run["history"]) == [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {k: run["history"][r["step"]][k] for k in ("loss", "lr", "target_tokens")} == {k: r[k] for k in ("loss", "lr", "target_tokens")}
+    assert [(read_meta(p)["step"], read_meta(p)["world_size"]) for p in complete_checkpoints(out / "checkpoints")] == [(1, 2), (2, 2), (3, 2)]
 
 
 def _evals(run_dir):
