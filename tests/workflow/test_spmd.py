@@ -272,3 +272,24 @@ def test_distill_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len
     assert set(e1) == {"eval/loss", "eval/kd_loss", "eval/ce_loss"}
     assert abs(e1["eval/loss"] - (0.5 * e1["eval/kd_loss"] + 0.5 * e1["eval/ce_loss"])) < 1e-9
     assert all(abs(e1[k] - e2[k]) < 1e-5 for k in e1), (e1, e2)
+
+
+def test_two_workers_with_background_checkpoints_resume_exactly(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """compute.async_checkpoint with 2 workers (DCP's background write on a gloo group of its own):
+    the same run as synchronous checkpoints, and a resume from its step-2 checkpoint continues it."""
+    import shutil
+
+    from posttrain.compute.checkpoint import complete_checkpoints
+
+    sync = run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "sync", 2, 1, checkpoint_every=2)))
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "bg", 2, 1, checkpoint_every=2, async_checkpoint=True)))
+    assert _losses(tmp_path / "bg") == _losses(tmp_path / "sync") and sync["steps"] == 4
+    assert [c.name for c in complete_checkpoints(tmp_path / "bg" / "checkpoints")] == ["step_00000002", "step_00000004"]
+    shutil.rmtree(tmp_path / "bg" / "checkpoints" / "step_00000004")
+    shutil.rmtree(tmp_path / "bg" / "hf")
+    (tmp_path / "bg" / "checkpoints" / "latest").write_text("step_00000002")
+    again = run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "bg", 2, 1, checkpoint_every=2,
+                                                  async_checkpoint=True)))
+    assert again["start_step"] == 2
+    w, ref = _weights(tmp_path / "bg"), _weights(tmp_path / "sync")
+    assert max(float((w[k] - ref[k]).abs().max()) for k in ref) < 1e-6
