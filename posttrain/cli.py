@@ -201,6 +201,13 @@ def _main(argv: list[str] | None) -> int:
         if args.job is None:
             raise ConfigError("validate: give a job file (or --schema)")
         cfg = load_config(args.job, args.overrides)
+        if cfg.train.eval_suite:  # the suite, its tasks and scorers, now rather than at the first evaluation
+            from .workflow.evaluate import training_suite
+
+            try:
+                training_suite(cfg.train.eval_suite)
+            except ConfigError as e:
+                raise ConfigError(f"{args.job}: train.eval_suite: {e}") from None
         if args.cmd == "validate":
             print(f"{args.job}: ok (recipe {cfg.recipe}, model {cfg.model.path})")
             return 0

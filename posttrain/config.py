@@ -624,6 +624,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple, str]:
     return origin
 
 
+class Located:
+    """Validation errors of a YAML file as `file:line: key.path: message` (or `override '...'`), with
+    the closest valid key for a misspelled one; shared by job files and evaluation suites."""
+
+    def __init__(self, path: Path, lines: dict[tuple, int], origin: dict[tuple, str]):
+        self.path, self.lines, self.origin, self.msgs = path, lines, origin, []
+
+    def where(self, loc: tuple) -> str:
+        src = next((f"override {o!r}" for p, o in self.origin.items() if loc[: len(p)] == p), None)
+        if src is None:
+            line = next((self.lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in self.lines), None)
+            src = f"{self.path}:{line}" if line else str(self.path)
+        return src
+
+    def collect(self, e: ValidationError, prefix: tuple = (), root: type[BaseModel] | None = None) -> None:
+        for err in e.errors():
+            loc = prefix + tuple(err["loc"])
+            msg = err["msg"]
+            msg = msg[0].lower() + msg[1:] if msg else msg
+            if err["type"] == "extra_forbidden" and root is not None:
+                msg = unknown_key_msg(err["loc"][-1], keys_at(root, tuple(err["loc"][:-1])))
+            if not loc and err["type"] == "value_error":  # a check across sections: its message names the key
+                msg = msg.removeprefix("value error, ")
+                self.msgs.append(f"{self.where(tuple(msg.split()[0].rstrip(':').split('.')))}: {msg}")
+                continue
+            self.msgs.append(f"{self.where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     path = Path(path)
     try:
@@ -640,27 +668,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     lines = _yaml_lines(text)
     _absolute_file_paths(raw, path.parent)
 
-    def where(loc: tuple) -> str:
-        src = next((f"override {o!r}" for p, o in origin.items() if loc[: len(p)] == p), None)
-        if src is None:
-            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-            src = f"{path}:{line}" if line else str(path)
-        return src
-
-    msgs = []
+    located = Located(path, lines, origin)
+    where, msgs = located.where, located.msgs
 
     def collect(e: ValidationError, prefix: tuple = (), root: type[BaseModel] = JobConfig) -> None:
-        for err in e.errors():
-            loc = prefix + tuple(err["loc"])
-            msg = err["msg"]
-            msg = msg[0].lower() + msg[1:] if msg else msg
-            if err["type"] == "extra_forbidden":
-                msg = unknown_key_msg(err["loc"][-1], keys_at(root, tuple(err["loc"][:-1])))
-            if not loc and err["type"] == "value_error":  # a check across sections: its message names the key
-                msg = msg.removeprefix("value error, ")
-                msgs.append(f"{where(tuple(msg.split()[0].rstrip(':').split('.')))}: {msg}")
-                continue
-            msgs.append(f"{where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
+        located.collect(e, prefix, root)
 
     # The recipe's own section is checked against its Config model, other top-level keys against
     # JobConfig, so that every error carries its file:line and full key path.
@@ -710,13 +722,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         checks.append(("model.tokenizer", lambda: check_model_source(cfg.model.tokenizer, key="model.tokenizer", revision=cfg.model.revision)))
     if cfg.model.chat_template:
         checks.append(("model.chat_template", lambda: read_chat_template(cfg.model.chat_template)))
-    if cfg.train.eval_suite:  # the suite file, its tasks and plugged-in scorers, now rather than at the first evaluation
-        def check_suite():
-            from .workflow.evaluate import training_suite
-
-            training_suite(cfg.train.eval_suite)
-
-        checks.append(("train.eval_suite", check_suite))
     # a recipe section naming other models (a teacher, a reference) lists them with `model_paths()`
     for field, value in (getattr(cfg.section, "model_paths", dict)() or {}).items():
         checks.append((f"{section}.{field}", lambda k=f"{section}.{field}", v=value: check_model_source(v, key=k)))

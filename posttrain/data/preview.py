@@ -12,7 +12,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
-from ..config import ConfigError, JobConfig
+from ..config import JobConfig
 from .packing import make_batch
 from .records import RecordStats, Sample
 
@@ -24,9 +24,7 @@ def _encoder(cfg: JobConfig):
         from .pairs import encode_pair_record
 
         return encode_pair_record
-    if cfg.recipe == "grpo":
-        raise ConfigError("preview: recipe grpo trains on its own completions; its data are prompts without labels")
-    return None  # SFT records (sft, distill, custom recipes)
+    return None  # SFT records (sft, distill, custom recipes); grpo's prompts: preview_prompts
 
 
 def read_samples(cfg: JobConfig, tokenizer, limit: int, encode=None) -> tuple[list[Sample], RecordStats, bool]:
@@ -117,11 +115,49 @@ def statistics(samples: list[Sample], stats: RecordStats, ended: bool, cfg: JobC
     return lines
 
 
+def preview_prompts(cfg: JobConfig, tok, *, n: int, records: int, emit: Callable[[str], None]) -> None:
+    """GRPO's data: prompts rendered with the generation prompt, as the rollout engine receives them
+    (nothing is trained in them: the completions are), the fields the rewards read, and statistics."""
+    from .loader import SampleStream
+    from .prompts import make_prompt_encoder, prompt_limit
+
+    sec = cfg.section
+    limit = prompt_limit(cfg.data, sec.sampling.max_new_tokens)
+    stream = SampleStream(cfg.data.model_copy(update={"max_epochs": 1}), tok, seed=cfg.train.seed,
+                          encode=make_prompt_encoder(limit))
+    prompts, ended = [], False
+    while len(prompts) < max(n, records):
+        p = stream.next()
+        if p is None:
+            ended = True
+            break
+        prompts.append(p)
+    for i, p in enumerate(prompts[:n]):
+        emit(f"── prompt {i + 1} ({p.where}, {len(p.ids)} tokens; then up to {sec.sampling.max_new_tokens} generated) ──")
+        emit(tok.decode(p.ids, skip_special_tokens=False))
+        fields = {k: v for k, v in p.record.items() if k != "prompt"}
+        if fields:
+            emit("fields the rewards receive: " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+    scope = "one full pass" if ended else f"the first {len(prompts)} prompts (pass --records to read more)"
+    emit(f"statistics over {scope}")
+    emit(f"  {stream.stats.summary()} (a prompt over data.max_seq_len - max_new_tokens = {limit} tokens is a bad record)")
+    if not prompts:
+        emit("  no prompts")
+        return
+    lens = [len(p.ids) for p in prompts]
+    emit("  prompt tokens: " + "  ".join(f"p{q} {_percentile(lens, q)}" for q in (50, 90, 99)) + f"  max {max(lens)}")
+    what = "steps per epoch" if ended else f"steps for these {len(prompts)} prompts"
+    emit(f"  {what}: {math.ceil(len(prompts) / sec.prompts_per_step)} ({sec.prompts_per_step} prompts x {sec.group_size} "
+         f"completions per step); train.steps: {cfg.train.steps}")
+
+
 def preview(cfg: JobConfig, *, n: int = 3, records: int = 2000, plain: bool = False,
             out: Callable[[str], None] | None = None) -> None:
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
+    if cfg.recipe == "grpo":
+        return preview_prompts(cfg, tok, n=n, records=records, emit=out or print)
     samples, stats, ended = read_samples(cfg, tok, max(n, records), _encoder(cfg))
     rich_out = not plain and out is None and sys.stdout.isatty()
     console = None

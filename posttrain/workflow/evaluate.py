@@ -39,15 +39,13 @@ from ..compute.device import choose_device, choose_dtype
 from ..config import (
     ConfigError,
     DataConfig,
+    Located,
     ModelConfig,
     Strict,
-    _dotted,
     _yaml_lines,
     absolute_import_path,
     apply_overrides,
-    keys_at,
     resolve_import_path,
-    unknown_key_msg,
 )
 from ..data.loader import SampleStream
 from ..data.packing import pack_row
@@ -167,18 +165,9 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> SuiteCon
     try:
         suite = SuiteConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            src = next((f"override {o!r}" for p, o in origin.items() if loc[: len(p)] == p), None)
-            if src is None:
-                line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-                src = f"{path}:{line}" if line else str(path)
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = unknown_key_msg(loc[-1], keys_at(SuiteConfig, loc[:-1]))
-            msgs.append(f"{src}: {_dotted(loc) or '(top level)'}: {msg}")
-        raise ConfigError("\n".join(msgs)) from None
+        located = Located(path, lines, origin)
+        located.collect(e, root=SuiteConfig)
+        raise ConfigError("\n".join(located.msgs)) from None
     for i, t in enumerate(suite.tasks):  # plugged-in functions resolve now, not after the first model
         for j, s in enumerate(t.scorers):
             if s.fn:
@@ -596,7 +585,7 @@ def training_suite(path: str) -> SuiteConfig:
     suite = load_suite(path)
     for t in suite.tasks:
         if t.kind == "preference" and t.reference_field is None:
-            raise ConfigError(f"train.eval_suite: {path}: task {t.name!r} compares against a baseline model, which training "
+            raise ConfigError(f"{path}: task {t.name!r} compares against a baseline model, which training "
                               "does not have; give it a reference_field (an answer in the records) or leave it out")
     return suite
 

@@ -108,6 +108,10 @@ class Rollouts:
         """A Ctrl-C at a terminal reaches the engine's own processes too (vLLM's engine core and
         worker stop on SIGINT), so a generation it interrupts fails: stop cleanly instead, with the
         prompt stream put back where the last completed step left it."""
+        if self.job.world == 1 and (signum := interrupt.requested()):
+            # it arrived after the last step's check (during its checkpoint): the engine may be gone
+            # already, and a generate call on a dead vLLM engine core waits forever
+            raise self._stopped(signum, index, "before")
         before = self.stream.state_dict()
         try:
             return self._generate(index)
@@ -116,12 +120,15 @@ class Rollouts:
             if not signum:
                 raise
             self.stream.load_state_dict(before)
-            newest = find_latest(self.job.out.checkpoints)
-            raise interrupt.Interrupted(signum, (
-                f"{interrupt.name(signum)} during the rollouts of step {index}, which stopped the rollout engine too: "
-                + (f"the newest checkpoint is {newest}; run the same command again to resume" if newest
-                   else "no checkpoint to resume from (compute.checkpoint_every)")
-                + " (rollout.placement: separate keeps the engine out of the terminal's reach)")) from None
+            raise self._stopped(signum, index, "during") from None
+
+    def _stopped(self, signum: int, index: int, when: str) -> interrupt.Interrupted:
+        newest = find_latest(self.job.out.checkpoints)
+        return interrupt.Interrupted(signum, (
+            f"{interrupt.name(signum)} {when} the rollouts of step {index}, which stops the rollout engine too: "
+            + (f"the newest checkpoint is {newest}; run the same command again to resume" if newest
+               else "no checkpoint to resume from (compute.checkpoint_every)")
+            + " (rollout.placement: separate keeps the engine out of the terminal's reach)"))
 
     def _generate(self, index: int):
         prompts: list[Prompt] = []

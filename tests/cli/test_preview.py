@@ -107,7 +107,19 @@ def test_preview_dpo_pairs_show_chosen_then_rejected(tiny_qwen3, tmp_path):
     assert "statistics over one full pass" in "\n".join(lines)
 
 
-def test_preview_refuses_grpo_prompts(tiny_qwen3, tmp_path, capsys):
-    job = _job(tmp_path, tiny_qwen3)
-    assert main(["preview", str(job), "recipe=grpo", "grpo={rewards: [{fn: 'conftest:qa_to_messages'}]}"]) == 2
-    assert "preview: recipe grpo trains on its own completions" in capsys.readouterr().err
+def test_preview_of_grpo_prompts(tiny_qwen3, tmp_path, capsys):
+    """GRPO's data are prompts: rendered with the generation prompt, as the engine receives them, with
+    the fields the rewards read and prompt statistics (an overlong prompt counted as a bad record)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Add 3 and 4.", "answer": "7"}] * 5
+                          + [{"prompt": "long " * 200, "answer": "x"}])
+    job = tmp_path / "grpo.yaml"
+    job.write_text(yaml.safe_dump(job_dict(tiny_qwen3, prompts, tmp_path / "run", recipe="grpo",
+                                           data={"max_seq_len": 64, "on_bad_record": "skip", "shuffle": False},
+                                           grpo={"rewards": [{"fn": "conftest:qa_to_messages"}], "prompts_per_step": 2,
+                                                 "sampling": {"max_new_tokens": 16}})))
+    assert main(["preview", str(job), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nAdd 3 and 4.<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "fields the rewards receive: answer='7'" in out and "then up to 16 generated" in out
+    assert "6 read, 5 kept" in out and "overlong=1" in out and "48 tokens is a bad record" in out
+    assert "steps per epoch: 3 (2 prompts x" in out

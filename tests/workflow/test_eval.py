@@ -321,3 +321,13 @@ def test_a_suite_during_training_is_logged_equals_posttrain_eval_and_leaves_trai
         training_suite(str(pref))
     with pytest.raises(Exception, match="train.eval_suite is set but train.eval_every is not"):
         JobConfig.model_validate(job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "x", train={"steps": 2, "eval_suite": str(suite)}))
+
+
+def test_validate_checks_the_training_suite(tiny_qwen3, tmp_path, capsys):
+    bad = suite_file(tmp_path, [{**generation_task(), "name": "p", "kind": "preference", "scorers": [], "judge": f"{__file__}:odd_judge"}])
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "r", train={"steps": 2, "eval_every": 1,
+                                                                                          "eval_suite": str(bad)})))
+    assert posttrain(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {job}: train.eval_suite: {bad}: task 'p' compares against a baseline model" in err
