@@ -137,7 +137,8 @@ def main() -> None:
         "recipe": "sft", "model": {"path": str(MODEL), "dtype": "float32"},
         "data": {"sources": [{"path": str(data)}], "max_seq_len": a.budget, "max_tokens_per_batch": a.budget},
         "train": {"lr": 1e-3, "steps": total, "warmup_steps": 2, "log_every": 1000},
-        "compute": {"device": "cpu", "output_dir": str(tmp / "run"), "progress": False, "threads": a.threads},
+        "compute": {"device": "cpu", "output_dir": str(tmp / "run"), "progress": False, "threads": a.threads,
+                    "checkpoint_every": None, "checkpoint_every_minutes": None},  # a step, not a save
         "export": {"enabled": False},
     })
     instrument()

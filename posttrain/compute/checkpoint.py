@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -194,10 +195,14 @@ class PendingSave:
             if not background:
                 self._write(lambda: self._dcp_save(msd, osd))
                 return
-            with _single_process_quiet():  # DCP stages (copies) the tensors now, writes them in its thread
-                future = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"),
-                                        no_dist=self.world == 1, process_group=_checkpoint_group() if self.world > 1 else None)
-            self.thread = threading.Thread(target=self._write, args=(future.result,), name=f"checkpoint-{self.step}", daemon=True)
+            if self.world == 1:  # stage (copy) the tensors now; write them with DCP in our thread
+                staged = torch.utils._pytree.tree_map(lambda x: x.detach().clone() if torch.is_tensor(x) else x, (msd, osd))
+                write = functools.partial(self._dcp_save, *staged)
+            else:
+                with _single_process_quiet():  # DCP stages the tensors now, writes them in its thread (own gloo group)
+                    write = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"),
+                                           process_group=_checkpoint_group()).result
+            self.thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{self.step}", daemon=True)
             self.thread.start()
         except BaseException:
             if self.rank == 0:
