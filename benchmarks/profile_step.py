@@ -127,11 +127,12 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1664, help="tokens per packed micro-batch")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--trace", help="also write a Chrome trace here")
+    ap.add_argument("--data", help="a chat JSONL file to profile on instead of the generated skewed chats")
     a = ap.parse_args()
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: run `make demo` (or examples/build_tiny_model.py) first")
     tmp = Path(tempfile.mkdtemp(prefix="profile-step-"))
-    data = skewed_chats(tmp / "skewed.jsonl", 3000, median=3, sigma=1.0, seed=0)
+    data = Path(a.data) if a.data else skewed_chats(tmp / "skewed.jsonl", 3000, median=3, sigma=1.0, seed=0)
     total = a.warmup + a.steps
     cfg = JobConfig.model_validate({
         "recipe": "sft", "model": {"path": str(MODEL), "dtype": "float32"},
@@ -190,7 +191,7 @@ def main() -> None:
         "collectives": by_name["collectives"],
     }
     phases["other (Python, metrics, logging)"] = wall - sum(phases.values())
-    print(f"\nprofile of {a.steps} SFT steps (after {a.warmup} warm-up steps), demo model, packed skewed chats, "
+    print(f"\nprofile of {a.steps} SFT steps (after {a.warmup} warm-up steps), demo model, packed {a.data or 'skewed chats'}, "
           f"{a.budget}-token micro-batches, {torch.get_num_threads()} threads: {wall / a.steps * 1e3:.1f} ms/step\n")
     print("| phase | ms/step | share |\n|---|---:|---:|")
     for k, v in phases.items():
