@@ -652,20 +652,27 @@ class Located:
             self.msgs.append(f"{self.where(loc)}: {_dotted(loc) or '(top level)'}: {msg}")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    path = Path(path)
+def read_yaml_file(path: Path, overrides: list[str], *, what: str, shape: str) -> tuple[dict, dict[tuple, str], dict[tuple, int]]:
+    """(the mapping with `overrides` applied, {key path: override}, {key path: line}) of a YAML file;
+    `what` names the file in errors, `shape` says what its top level must be."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from e
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from e
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the job file must be a mapping of sections (recipe, model, data, ...)")
+        raise ConfigError(f"{path}: {shape}")
     origin = apply_overrides(raw, overrides or [])
-    lines = _yaml_lines(text)
+    return raw, origin, _yaml_lines(text)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    raw, origin, lines = read_yaml_file(path, overrides or [], what="job file",
+                                        shape="the job file must be a mapping of sections (recipe, model, data, ...)")
     _absolute_file_paths(raw, path.parent)
 
     located = Located(path, lines, origin)

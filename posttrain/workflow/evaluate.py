@@ -31,7 +31,6 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .. import atomic
@@ -42,9 +41,8 @@ from ..config import (
     Located,
     ModelConfig,
     Strict,
-    _yaml_lines,
     absolute_import_path,
-    apply_overrides,
+    read_yaml_file,
     resolve_import_path,
 )
 from ..data.loader import SampleStream
@@ -140,17 +138,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> SuiteCon
     """The suite file, validated with file:line on every error; import paths (scorer `fn`, `judge`,
     data transforms) are looked up next to the suite file, then in the current directory."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        raw = yaml.safe_load(text) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the suite file ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a suite file is a mapping with `tasks:` (a list of tasks)")
-    origin = apply_overrides(raw, overrides or [])
-    lines = _yaml_lines(text)
+    raw, origin, lines = read_yaml_file(path, overrides or [], what="the suite file",
+                                        shape="a suite file is a mapping with `tasks:` (a list of tasks)")
     for task in raw.get("tasks") or []:
         if isinstance(task, dict):
             if isinstance(task.get("judge"), str):
