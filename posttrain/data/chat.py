@@ -384,13 +384,19 @@ def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, p
     if paths is not None:
         paths.extend(hows)
 
-    mask = [0] * len(ids)
-    for a, b in spans:
-        for t in range(a, b):
-            mask[t] = 1
+    mask = _span_mask(len(ids), spans)
     if not any(mask):
         raise EmptyMaskError("sample has no assistant tokens to train on: every assistant turn is empty")
     return Encoded(ids, mask)
+
+
+def _span_mask(n: int, spans) -> list[int]:
+    """1 on every token inside one of the (start, end) spans, else 0."""
+    mask = [0] * n
+    for a, b in spans:
+        for t in range(a, b):
+            mask[t] = 1
+    return mask
 
 
 def _encode_capped(tok, info, messages, train, tools, kw, full: str, prefix: str, paths) -> Encoded:
@@ -400,10 +406,7 @@ def _encode_capped(tok, info, messages, train, tools, kw, full: str, prefix: str
     spans, hows = _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut=len(prefix))
     if paths is not None:
         paths.extend(hows)
-    mask = [0] * len(ids)
-    for a, b in spans:
-        for t in range(a, b):
-            mask[t] = 1
+    mask = _span_mask(len(ids), spans)
     if not any(mask):
         err = EmptyMaskError("sample has no assistant tokens to train on: no assistant turn starts within the "
                              "tokens kept (data.max_seq_len)")
