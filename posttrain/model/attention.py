@@ -111,7 +111,9 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, packed_sdpa)
+# Under compute.compile the layers around it are compiled; this function stays eager (its plan comes
+# from the data through .tolist(), which would break the graph anyway).
+AttentionInterface.register(NAME, torch.compiler.disable(packed_sdpa))
 
 
 def packed_mask(*args, **kwargs):

@@ -1,0 +1,54 @@
+"""`compute.compile`: every decoder layer compiled with `torch.compile`, in place.
+
+Per-layer compilation (as torchtitan does) keeps compile time to one layer's graph, which every layer
+of the model then shares (torch inlines the module's parameters as graph inputs instead of guarding
+on each layer), and leaves everything around the layers eager: the model's embedding, mask and
+rotary setup, the chunked head and loss, FSDP2's per-layer hooks. `module.compile()` rather than
+`torch.compile(module)`: the layer stays the same object under the same name, so state-dict keys,
+checkpoints, LoRA and export see no wrapper.
+
+The per-document attention (`posttrain_packed`) reads the packing plan from the data (`.tolist()`);
+it runs eager between the two compiled halves of each layer (it is excluded from tracing in
+`model/attention.py`). What the compiler gains is the fusion of the rest: RMSNorm, rotary, SiLU and
+the residual adds, forward and backward.
+
+Row lengths vary from step to step (packed rows end at a multiple of data.pack_to_multiple_of):
+torch compiles the first shape statically and the second time with a symbolic length, so a run
+compiles about twice per graph (three times with held-out evaluation, which runs without grad).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def backend_problem(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot build code on `device`, or None. A tiny
+    function is compiled and run: a missing C++ compiler (CPU) or Triton (GPU) shows up here, at
+    setup, instead of as a traceback inside the first training step."""
+    try:
+        fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1, dynamic=False)
+        x = torch.linspace(-1, 1, 8, device=device)
+        if not torch.allclose(fn(x), torch.nn.functional.silu(x) * 2 + 1):
+            return "the compiled probe computed a different result"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not compile here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first[:300]}"
+    return None
+
+
+def compile_layers(layers: list[torch.nn.Module], device: torch.device, say: Callable[[str], None]) -> bool:
+    """Compile each layer in place; False (and a message saying why, training continues eager) when
+    the backend cannot compile on this device."""
+    problem = backend_problem(device)
+    if problem is not None:
+        say(f"[yellow]compute.compile: torch.compile cannot build code on {device.type} here ({problem}); "
+            "training runs eager. On CPU inductor needs a C++ compiler (g++ or clang++ on PATH, or CXX); on GPU, "
+            "Triton. Set compute.compile: false to skip this check.[/yellow]")
+        return False
+    for layer in layers:
+        layer.compile()
+    say(f"compute.compile: {len(layers)} decoder layers compiled (torch.compile, per layer; the first steps compile)")
+    return True
