@@ -100,14 +100,16 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             # the tail past its end (the next document, or a clamped repeat) is never seen by its
             # real queries under the causal mask, and its outputs are dropped by `out_index`.
             def take(t):
-                return t[b][:, idx].unflatten(1, (n, width)).transpose(0, 1)  # (n, H, width, D)
+                # index_select, not t[b][:, idx]: its backward is index_add_, faster on CPU than
+                # advanced indexing's accumulating index_put_ (~12% of this function's time)
+                return t[b].index_select(1, idx).unflatten(1, (n, width)).transpose(0, 1)  # (n, H, width, D)
 
             o = F.scaled_dot_product_attention(
                 take(query), take(key), take(value), dropout_p=dropout, scale=scaling,
                 is_causal=width > 1, enable_gqa=groups > 1,
             )
             outs.append(o.transpose(0, 1).flatten(1, 2))  # (H, n * width, D)
-        rows.append(torch.cat(outs, dim=1)[:, out_index])  # (H, T, D), every position from its slot
+        rows.append(torch.cat(outs, dim=1).index_select(1, out_index))  # (H, T, D), every position from its slot
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
