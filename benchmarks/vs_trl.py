@@ -17,6 +17,8 @@ Each dataset holds about `--steps x --budget` tokens: one pass over the data per
 Modes (each run its own process; modes interleaved across repeats: A B C, B C A, C A B):
 - `posttrain`: its default packed SFT: best-fit rows of at most `--budget` tokens from a rolling buffer,
   per-document attention, the chunked head on target tokens;
+- `posttrain_compiled`: the same with `compute.compile: true` (decoder layers compiled; the compilation
+  falls in the warm-up steps);
 - `trl_bfd`: `packing=True`, `packing_strategy="bfd"` (best-fit decreasing over the whole dataset into
   rows of `--budget` tokens; TRL then trains padding-free, one packed row per step);
 - `trl_group_by_length`: padded batches, `train_sampling_strategy="group_by_length"` (transformers'
@@ -66,6 +68,7 @@ RUNNER = ROOT / "benchmarks" / "trl_sft_runner.py"
 
 MODES = {
     "posttrain": dict(side="posttrain"),
+    "posttrain_compiled": dict(side="posttrain", compile=True),
     "trl_bfd": dict(side="trl", trl_mode="bfd"),
     "trl_group_by_length": dict(side="trl", trl_mode="group_by_length"),
 }
@@ -137,6 +140,7 @@ def run_posttrain(tmp: Path, name: str, data: Path, a, env: dict) -> dict:
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "grad_accum": 1,
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
+                    "compile": MODES[name].get("compile", False),
                     "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
     }
@@ -223,16 +227,18 @@ def report(a, ds: str, info: dict, results: dict[str, list[dict]]) -> list[str]:
     for k, m in med.items():
         L.append(f"| {k} | {m['tok_s']:,.0f} | {m['step_ms']:.0f} ms | {m['real_step']:,.0f} ({m['real_step'] / a.budget:.0%}) "
                  f"| {m['waste']:.2f}x | {m['pairs_tok']:,.0f} | {m['rss']:.2f} GiB | {m['loss1']:.4f} | {m['loss_end']:.4f} |")
-    if "posttrain" in med and trl_modes:
-        p = med["posttrain"]
+    ours = [k for k in med if MODES[k]["side"] == "posttrain"]
+    if ours and trl_modes:
         L.append("")
         L.append("| ratio | real tokens/s | bound from padding (TRL slots/real over posttrain's) | share of that bound "
                  "| attention scores per real token (TRL / posttrain) | peak RSS |")
         L.append("|---|---|---|---|---|---|")
-        for t in trl_modes:
-            ratio, bound = p["tok_s"] / med[t]["tok_s"], med[t]["waste"] / p["waste"]
-            L.append(f"| posttrain / {t}{' (fastest TRL)' if t == fastest else ''} | {ratio:.2f}x | {bound:.2f}x | "
-                     f"{ratio / bound:.0%} | {med[t]['pairs_tok'] / p['pairs_tok']:.2f}x | {p['rss'] / med[t]['rss']:.2f} |")
+        for o in ours:
+            p = med[o]
+            for t in trl_modes:
+                ratio, bound = p["tok_s"] / med[t]["tok_s"], med[t]["waste"] / p["waste"]
+                L.append(f"| {o} / {t}{' (fastest TRL)' if t == fastest else ''} | {ratio:.2f}x | {bound:.2f}x | "
+                         f"{ratio / bound:.0%} | {med[t]['pairs_tok'] / p['pairs_tok']:.2f}x | {p['rss'] / med[t]['rss']:.2f} |")
     first = [x["loss1"] for v in results.values() for x in v]
     L.append("")
     L.append(f"Step-1 loss of every run {min(first):.4f}-{max(first):.4f} (the same initial weights; ln vocab = "
