@@ -85,7 +85,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, vocab: int, stops: list[int], pad: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
            ) -> list[tuple[list[int], list[float], bool]]:
