@@ -52,7 +52,7 @@ RUNNER = ROOT / "benchmarks" / "trl_dpo_runner.py"
 MODES = {
     "posttrain": dict(side="posttrain", precompute=False),
     "posttrain precomputed ref": dict(side="posttrain", precompute=True),
-    "posttrain precomputed ref, compiled": dict(side="posttrain", precompute=True, compile=True),
+    "posttrain precomputed ref + compile": dict(side="posttrain", precompute=True, compile=True),
     "TRL": dict(side="trl", precompute=False, sampling="sequential"),
     "TRL precomputed ref": dict(side="trl", precompute=True, sampling="sequential"),
     "TRL precomputed ref + group_by_length": dict(side="trl", precompute=True, sampling="group_by_length"),

@@ -58,7 +58,7 @@ MODELS = {
 MODES = {
     "posttrain vLLM": dict(side="posttrain", engine="vllm"),
     "posttrain HF generate": dict(side="posttrain", engine="hf"),
-    "posttrain HF generate, compiled": dict(side="posttrain", engine="hf", compile=True),
+    "posttrain HF generate + compile": dict(side="posttrain", engine="hf", compile=True),
     "TRL HF generate": dict(side="trl"),
 }
 SPLIT = ("generate", "reward", "reference", "train", "sync")
