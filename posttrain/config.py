@@ -417,7 +417,7 @@ def keys_at(root: type[BaseModel], loc: tuple) -> list[str]:
 # ------------------------------------------------------------------------------------- import paths
 def import_module(mod_name: str, *, key: str):
     """A module by dotted name, or a Python file by path (`path/to/file.py`, relative to the current
-    directory), with an error naming the config key on failure. A dotted name that is not importable
+    directory; modules beside the file are importable from it), with an error naming the config key on failure. A dotted name that is not importable
     from sys.path is looked up in the current directory too (as `python -m` would), so a module
     beside the job needs no PYTHONPATH (`load_config` also looks next to the job file)."""
     if mod_name.endswith(".py"):
@@ -427,6 +427,9 @@ def import_module(mod_name: str, *, key: str):
         name = f"posttrain_user_{path.stem}_{abs(hash(str(path))):x}"
         if name in sys.modules:
             return sys.modules[name]
+        if str(path.parent) not in sys.path:  # its own imports of modules beside it work, as under `python file.py`
+            sys.path.append(str(path.parent))
+            importlib.invalidate_caches()
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

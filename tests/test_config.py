@@ -120,3 +120,12 @@ def test_resolved_config_dump_round_trips(tmp_path):
     data = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert data["train"]["grad_accum"] == 2 and data["model"]["pad_vocab_to_multiple_of"] == 64
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_a_python_file_by_path_imports_modules_beside_it(tmp_path):
+    """`path/to/rewards.py:fn` whose file imports a helper module next to it (as `python rewards.py` could)."""
+    d = tmp_path / "user_code"
+    d.mkdir()
+    (d / "helper_beside_xyz.py").write_text("SCALE = 3\n")
+    (d / "rewards_xyz.py").write_text("from helper_beside_xyz import SCALE\n\ndef fn(x):\n    return x * SCALE\n")
+    assert resolve_import_path(f"{d / 'rewards_xyz.py'}:fn", key="grpo.rewards[0].fn")(2) == 6
