@@ -16,19 +16,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             # no weight decay on biases and norm weights (1-d), as in GPT-2 / LLaMA recipes
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, **implementation(decay + no_decay))
-
-
-def implementation(params: list[torch.Tensor]) -> dict:
-    """torch's fused AdamW where its kernels exist for these tensors (CPU, CUDA, ...; floating point):
-    one pass per tensor instead of foreach's several (measured 2.7 vs 9 ms per step for the demo's
-    3.5M parameters on CPU). Else torch's default (foreach on CUDA, the loop elsewhere)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    fused_ok = set(_get_fused_kernels_supported_devices())
-    if params and all(p.device.type in fused_ok and p.is_floating_point() for p in params):
-        return {"fused": True}
-    return {}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):

@@ -1,6 +1,6 @@
 """GRPO and its variants (Dr. GRPO, DAPO's clip-higher / dynamic sampling / overlong masking, GSPO).
 
-    prompts  <- {prompt, ...fields the rewards read} records; a rollout engine (vLLM or HF generate)
+    prompts  <- {prompt, ...fields the rewards read} records; a rollout engine (vLLM or the HF model)
     for step in 1..S:
         P prompts -> G completions each, with the engine's sampling log-probs  b(y_t)
         r_i      = sum_f w_f * reward_f(prompt, completion_i, fields)

@@ -6,7 +6,7 @@ transforms, tokenizer layer and chat template as training):
 - likelihood: held-out conversations; per-sample NLL of the assistant (target) tokens, as training
   masks them. Metrics `loss` (token-weighted mean NLL) and `perplexity` (exp of it).
 - generation: prompt records (`{"prompt": ..., <fields>}`) rendered with the generation prompt and
-  completed by a rollout engine (the same interface RL uses: vLLM or HF generate), `n` samples per
+  completed by a rollout engine (the same interface RL uses: vLLM or the HF-model engine), `n` samples per
   prompt, greedy or sampled and seeded; every scorer (workflow/scorers.py) is a metric, plus
   pass@k (unbiased estimator) for each k of `pass_at`, the completion length and the truncated share.
 - preference: each model's completion against the baseline's (the first --model) or a reference

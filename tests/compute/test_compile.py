@@ -1,13 +1,11 @@
 """compute.compile: compiled decoder layers train like eager ones (LoRA, activation checkpointing,
-rows of changing length, two FSDP2 workers), and a machine that cannot compile trains eager."""
+rows of changing length; two FSDP2 workers: tests/workflow/test_spmd.py), and a machine that cannot
+compile trains eager."""
 
 import json
 import os
-import random
 import subprocess
 import sys
-
-import pytest
 
 from posttrain.cli import run_job
 from posttrain.config import JobConfig
@@ -37,31 +35,6 @@ def test_compiled_layers_train_like_eager_with_lora_and_checkpointing(tiny_qwen3
     eager, compiled = runs[False], runs[True]
     assert eager[-1] < eager[0]
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-5, (eager, compiled)
-
-
-def test_two_compiled_workers_equal_one_eager(tiny_qwen3, tmp_path):
-    pytest.importorskip("ray")
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        rng = random.Random(0)
-        words = "the cat sat on a mat and the dog ran to the big red ball".split()
-        data = write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(rng.choice(words) for _ in range(40))} for _ in range(16)])
-        runs = {}
-        for workers, accum, compiled in ((1, 2, False), (2, 1, True)):
-            out = tmp_path / f"w{workers}"
-            job = job_dict(tiny_qwen3, data, out, data={"max_seq_len": 32, "max_tokens_per_batch": 32, "shuffle": False},
-                           train={"steps": 3, "grad_accum": accum, "lr": 1e-2}, compute={"workers": workers, "compile": compiled},
-                           export={"enabled": False})
-            run_job(JobConfig.model_validate(job))
-            runs[workers] = _losses(out)
-    finally:
-        ray.shutdown()
-    assert max(abs(a - b) for a, b in zip(runs[1], runs[2])) < 1e-5, runs
 
 
 def test_no_cpp_compiler_says_so_and_trains_eager(tmp_path):
