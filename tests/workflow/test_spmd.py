@@ -74,15 +74,6 @@ def test_one_vs_two_workers_same_update(ray_local, tiny_qwen3, fixed_len_data, t
     assert worst < 1e-5, worst
 
 
-def test_two_compiled_workers_equal_one_eager_worker(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
-    """compute.compile under FSDP2: the compiled layers are then sharded; the same update as eager."""
-    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w1", 1, 2, steps=3)))
-    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w2", 2, 1, steps=3, compile=True)))
-    one, two = _losses(tmp_path / "w1"), _losses(tmp_path / "w2")
-    assert len(one) == len(two) == 3
-    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
-
-
 def test_two_workers_log_one_wandb_offline_run(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
     """Only rank 0 tracks: one W&B run for the job, with every step's metrics. The minutes-based
     checkpoint (due after every step here) is decided by rank 0's clock and taken by both ranks."""
@@ -302,3 +293,14 @@ def test_two_workers_with_background_checkpoints_resume_exactly(ray_local, tiny_
     assert again["start_step"] == 2
     w, ref = _weights(tmp_path / "bg"), _weights(tmp_path / "sync")
     assert max(float((w[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+def test_two_compiled_workers_equal_one_eager_worker(ray_local, tiny_qwen3, fixed_len_data, tmp_path):
+    """compute.compile under FSDP2: the compiled layers are then sharded; the same update as eager.
+    Last in this module: in one full run a later 2-worker job in the same Ray session lost a worker
+    (a Ray worker crash, not reproduced alone), so nothing runs after it here."""
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w1", 1, 2, steps=3)))
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, fixed_len_data, tmp_path / "w2", 2, 1, steps=3, compile=True)))
+    one, two = _losses(tmp_path / "w1"), _losses(tmp_path / "w2")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
