@@ -40,16 +40,18 @@ def backend_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_layers(layers: list[torch.nn.Module], device: torch.device, say: Callable[[str], None]) -> bool:
-    """Compile each layer in place; False (and a message saying why, training continues eager) when
-    the backend cannot compile on this device."""
+def usable(device: torch.device, say: Callable[[str], None]) -> bool:
+    """Whether layers can be compiled on `device`; if not, say why (training continues eager)."""
     problem = backend_problem(device)
     if problem is not None:
         say(f"[yellow]compute.compile: torch.compile cannot build code on {device.type} here ({problem}); "
             "training runs eager. On CPU inductor needs a C++ compiler (g++ or clang++ on PATH, or CXX); on GPU, "
             "Triton. Set compute.compile: false to skip this check.[/yellow]")
-        return False
+    return problem is None
+
+
+def compile_layers(layers: list[torch.nn.Module], say: Callable[[str], None]) -> None:
+    """Compile each layer in place (after `usable` said yes)."""
     for layer in layers:
         layer.compile()
     say(f"compute.compile: {len(layers)} decoder layers compiled (torch.compile, per layer; the first steps compile)")
-    return True

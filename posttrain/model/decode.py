@@ -18,13 +18,14 @@ CUDA kernels), which on CPU is most of a decode step; on CPU this one lets the k
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN = "posttrain_sdpa"
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.device.type != "cpu" or groups == 1 or attention_mask is None or kwargs.get("position_bias") is not None
             or kwargs.get("cache") is not None or kwargs.get("output_attentions")):
@@ -45,30 +46,32 @@ def register_attention() -> str:
     return ATTN
 
 
-def _prealloc_layer(capacity: int):
-    from transformers.cache_utils import DynamicLayer
+class PreallocLayer(DynamicLayer):
+    """A full-attention cache layer that writes into a buffer of its final length (`capacity`)
+    instead of concatenating the whole cache every step."""
 
-    class PreallocLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.dtype, self.device = key_states.dtype, key_states.device
-                b, h, _, d = key_states.shape
-                self.kbuf = key_states.new_empty(b, h, capacity, d)
-                self.vbuf = value_states.new_empty(b, h, capacity, value_states.shape[-1])
-                self.size, self.is_initialized = 0, True
-            end = self.size + key_states.shape[-2]
-            self.kbuf[:, :, self.size : end] = key_states
-            self.vbuf[:, :, self.size : end] = value_states
-            self.size = end
-            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
-            return self.keys, self.values
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
 
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.is_initialized:
-                self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
-                self.keys, self.values = self.kbuf[:, :, : self.size], self.vbuf[:, :, : self.size]
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self.kbuf = key_states.new_empty(b, h, self.capacity, d)
+            self.vbuf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.size, self.is_initialized = 0, True
+        end = self.size + key_states.shape[-2]
+        self.kbuf[:, :, self.size : end] = key_states
+        self.vbuf[:, :, self.size : end] = value_states
+        self.size = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+        return self.keys, self.values
 
-    return PreallocLayer()
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
+            self.keys, self.values = self.kbuf[:, :, : self.size], self.vbuf[:, :, : self.size]
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -92,9 +95,6 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     """n completions of every prompt (prompt-major: rows k*n .. k*n+n-1 are prompt k's), each as
     (token ids, log-probs, stopped): cut after the first stop id (included), else max_new_tokens long.
     temperature 0 is greedy (log-probs then at T = 1)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     device = next(model.parameters()).device
     P, B, width = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
@@ -103,7 +103,7 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
         mask[i, width - len(p):] = 1  # the prompt, and every generated position
     pos = (mask[:, :width].cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=model.config)  # full-attention layers write into a buffer of the final length
-    cache.layers = [_prealloc_layer(width + max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [PreallocLayer(width + max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     logits = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=pos, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     if n > 1:  # the n samples of a prompt share its prefill

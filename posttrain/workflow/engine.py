@@ -52,6 +52,7 @@ from ..compute.checkpoint import (
     unreadable_reason,
 )
 from ..compute.compile import compile_layers
+from ..compute.compile import usable as compile_usable
 from ..compute.device import choose_device, choose_dtype, gpu_peak, mfu, peak_flops, remeasure_peak, seed_everything
 from ..compute.distributed import all_reduce, all_reduce_many, full_state_dict, local_scalar, rank_world, shard_fsdp2
 from ..compute.metrics import MetricsLogger, console, peak_memory_gb
@@ -229,7 +230,9 @@ class Engine:
             "the GPU table" if self.device.type == "cuda" and gpu_peak(torch.cuda.get_device_name(self.device), self.dtype)
             else "measured")
         self.mfu_unreliable = False  # see _plausible_peak
-        self.compiled = cfg.compute.compile and compile_layers(decoder_layers(self.model), self.device, self.say)
+        self.compiled = cfg.compute.compile and compile_usable(self.device, self.say)  # probed once per run
+        if self.compiled:
+            compile_layers(decoder_layers(self.model), self.say)
         self.root = self._shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
         self.opt = build_optimizer(self.model, cfg.train)
@@ -303,7 +306,7 @@ class Engine:
             model.requires_grad_(False)
             model.eval()
             if self.compiled:
-                compile_layers(decoder_layers(model), self.device, self.say)
+                compile_layers(decoder_layers(model), self.say)
             fz = Frozen(self, model, root=self._shard(model))
             fz.counter = FlopCounter.from_model(model, vocab_size=self.vocab)
         self.frozen_models.append(fz)
