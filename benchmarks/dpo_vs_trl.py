@@ -11,7 +11,7 @@ at step 1 (policy = reference), and close afterwards.
 
 Modes (each run its own process; modes interleaved across repeats: A B C D E, B C D E A, ...):
 - posttrain, the frozen reference live, and with `dpo.precompute_reference: true` (also with
-  `compute.compile: true`: decoder layers compiled, the compilation in the warm-up steps);
+  `data.share_prefix: false`: each side computes the prompt again, as TRL does);
 - TRL, live reference and `precompute_ref_log_probs=True`, both with the sequential sampler (the
   same pairs per step as posttrain), and `precompute_ref_log_probs` + `group_by_length` (TRL's
   answer to padding: batches of similar length; the same pairs in all, grouped differently).
@@ -19,7 +19,8 @@ Modes (each run its own process; modes interleaved across repeats: A B C D E, B 
 TRL runs in its own venv (TRL 1.16 needs transformers >= 5.2x; posttrain pins < 5.20): run
 `bash benchmarks/setup_trl_venv.sh` once. Tokens/s counts real (non-pad) tokens of the timed steps
 (after `--warmup` steps; startup and the reference precompute pass excluded, the pass reported on its
-own); peak memory is the peak RSS of each run's process (os.wait4).
+own): the tokens of both sides, prompt included, as TRL counts them, also where posttrain computes a
+pair's prompt once (`data.share_prefix`: its computed slots per real token are then below 1); peak memory is the peak RSS of each run's process (os.wait4).
 
     bash benchmarks/setup_trl_venv.sh                    # once (~2 minutes)
     .venv/bin/python benchmarks/dpo_vs_trl.py            # ~8 minutes on 2 idle CPU cores (estimate; 15 runs)
@@ -52,7 +53,7 @@ RUNNER = ROOT / "benchmarks" / "trl_dpo_runner.py"
 MODES = {
     "posttrain": dict(side="posttrain", precompute=False),
     "posttrain precomputed ref": dict(side="posttrain", precompute=True),
-    "posttrain precomputed ref + compile": dict(side="posttrain", precompute=True, compile=True),
+    "posttrain precomputed ref - no prefix sharing": dict(side="posttrain", precompute=True, share=False),
     "TRL": dict(side="trl", precompute=False, sampling="sequential"),
     "TRL precomputed ref": dict(side="trl", precompute=True, sampling="sequential"),
     "TRL precomputed ref + group_by_length": dict(side="trl", precompute=True, sampling="group_by_length"),
@@ -92,7 +93,7 @@ def make_pairs(path: Path, n: int, *, median: float, sigma: float, max_len: int,
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict) -> dict:
+def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict, pair_tokens: list[int]) -> dict:
     out = tmp / name
     job = {
         "recipe": "dpo",
@@ -100,11 +101,11 @@ def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict) -
         # buffer_size = pairs per step and a budget that fits any P consecutive pairs: every micro-batch is
         # exactly the next P pairs of the file (one packed row, the unused tail one padding segment)
         "data": {"sources": [{"path": str(data)}], "max_seq_len": a.max_len, "max_tokens_per_batch": budget,
-                 "buffer_size": a.pairs, "shuffle": False},
+                 "buffer_size": a.pairs, "shuffle": False, "share_prefix": MODES[name].get("share", True)},
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "grad_accum": 1,
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
-                    "compile": MODES[name].get("compile", False), "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
+                    "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
         "dpo": {"beta": a.beta, "loss": "sigmoid", "reference": "copy", "precompute_reference": MODES[name]["precompute"]},
     }
@@ -115,11 +116,15 @@ def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict) -
     if rc != 0:
         raise RuntimeError(f"posttrain run {name!r} failed (exit {rc}):\n{log.read_text()[-3000:]}")
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    real = [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows]
+    computed = [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows]  # shared prompts counted once
+    # step i trains pairs [i P, (i + 1) P) of the file; real = both sides' tokens, as TRL counts them
+    real = [sum(pair_tokens[i * a.pairs : (i + 1) * a.pairs]) for i in range(len(rows))]
+    if any(c > r for c, r in zip(computed, real)):
+        raise RuntimeError(f"posttrain run {name!r}: computed more tokens than its pairs hold ({computed} vs {real})")
     m = re.search(r"units precomputed in ([0-9.]+) s", log.read_text())
     return {
         "loss": [r["loss"] for r in rows], "real": real,
-        "slots": [round(n / (1 - r["padding"])) for n, r in zip(real, rows)],
+        "slots": [round(n / (1 - r["padding"])) for n, r in zip(computed, rows)],
         "end": [r["time"] for r in rows], "precompute_s": float(m.group(1)) if m else 0.0, "rss": rss, "wall": wall,
     }
 
@@ -183,7 +188,7 @@ def report(a, stats: dict, results: dict[str, list[dict]], versions: dict, trl_i
              (", ".join(f"{k} {v}" for k, v in versions.get("trl", {}).items()) or "(not run)") +
              (f"; TRL optimizer {trl_info['optim']}, attention {trl_info['attn']}" if trl_info else "") + ".")
     L.append("")
-    L.append("| mode | tokens/s | pairs/s | step | padded slots / real | ref precompute | peak RSS | loss step 1 | final loss |")
+    L.append("| mode | tokens/s | pairs/s | step | computed slots / real | ref precompute | peak RSS | loss step 1 | final loss |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for k, m in med.items():
         pre = f"{m['precompute_s']:.1f} s" if MODES[k]["precompute"] else "-"
@@ -241,6 +246,9 @@ def report(a, stats: dict, results: dict[str, list[dict]], versions: dict, trl_i
              "sequence of the batch (its `padding_free` is disabled for DPO since the refactor: it warns and pads); "
              "posttrain packs the pairs of a step into one row with per-document attention. The slot ratio above is "
              "the most this can give; `group_by_length` shrinks TRL's padding (and that bound).")
+    L.append("- shared prompts (`data.share_prefix`, on by default): posttrain computes a pair's prompt once, the "
+             "rejected side attending to the chosen side's prompt; TRL computes it on both rows. Its computed slots per "
+             "real token fall below 1 by the prompt's share of the pair; the `no prefix sharing` mode shows the rest.")
     L.append("- precomputed reference log-probs: both sides have them; they remove the reference forward (~1/4 of "
              "a live step: one forward beside the policy's forward + backward) and, in TRL, the reference model's "
              "memory. Compare like with like for the engine; the pass itself is reported separately.")
@@ -294,7 +302,7 @@ def main() -> None:
                 run_dir = tmp / f"r{rep}"
                 run_dir.mkdir(exist_ok=True)
                 if MODES[name]["side"] == "posttrain":
-                    r = run_posttrain(run_dir, name, data, a, budget, env)
+                    r = run_posttrain(run_dir, name, data, a, budget, env, pt)
                 else:
                     r = run_trl(run_dir, name, data, a, env)
                     versions["trl"] = r["versions"]

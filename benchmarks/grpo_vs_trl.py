@@ -16,6 +16,8 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
   the engine in place after every update);
 - posttrain, rollouts from transformers generate (`grpo.rollout.engine: hf`);
 - the same with `compute.compile: true` (the trainer's decoder layers compiled; not the rollout copy);
+- the same with `data.share_prefix: false` (each completion's row repeats its prompt, as TRL's do;
+  by default a prompt is computed once for its group of G completions);
 - TRL 1.16 GRPOTrainer, transformers generate (`use_vllm=False`), in benchmarks/.trl-venv (run
   `bash benchmarks/setup_trl_venv.sh` once).
 
@@ -59,6 +61,7 @@ MODES = {
     "posttrain vLLM": dict(side="posttrain", engine="vllm"),
     "posttrain HF generate": dict(side="posttrain", engine="hf"),
     "posttrain HF generate + compile": dict(side="posttrain", engine="hf", compile=True),
+    "posttrain HF generate - no prefix sharing": dict(side="posttrain", engine="hf", share=False),
     "TRL HF generate": dict(side="trl"),
 }
 SPLIT = ("generate", "reward", "reference", "train", "sync")
@@ -121,7 +124,7 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         # one packed row holds the step's 64 prompt+completion sequences (rows end at the real tokens
         # rounded up to 64: pack_to_multiple_of); prompts in file order
         "data": {"sources": [{"path": str(data)}], "max_seq_len": a.max_seq_len, "max_tokens_per_batch": 8192,
-                 "shuffle": False},
+                 "shuffle": False, "share_prefix": MODES[name].get("share", True)},
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                   "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,

@@ -135,6 +135,11 @@ class DataConfig(Strict):
     pack_to_multiple_of: int | None = Field(
         64, ge=1, description="a packed row ends at its real tokens rounded up to this, so a row the data cannot fill "
         "carries no long padding tail (null: every row is exactly max_tokens_per_batch, fixed shapes)")
+    share_prefix: bool = Field(
+        True, description="packed units of several documents that start alike (a preference pair's sides, a GRPO "
+        "group's completions) compute their shared prompt once: each later document keeps only its own tokens and "
+        "attends to the first one's prompt (the same logits and gradients, fewer tokens). Used where the attention "
+        "supports it (posttrain_packed without sliding windows or soft-capping, probed at setup)")
     buffer_size: int = Field(256, ge=1, description="tokenized samples the packer chooses from")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead in the background")
     shuffle: bool = Field(True, description="shuffle files and windows, reshuffled every epoch from the seed")

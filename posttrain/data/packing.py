@@ -18,6 +18,13 @@ in this batch or still in the buffer; every unit of an earlier pass has been tak
 the training consumed, not how far the reader read ahead. Also `doc_lens` (each document's length,
 in order) and `unit_docs` (the number of documents of each unit, in order; sum(unit_docs) ==
 len(doc_lens)). `target_doc_index` maps each loss target to its document.
+
+Shared prefixes (`share_prefix`, `data.share_prefix`): the documents of a unit that begin with the
+same untrained tokens as its first document (a pair's two sides, a GRPO group's completions, after
+one prompt) keep only their own tokens plus the last shared one, as *branches*: their positions
+continue from the prefix (`doc_starts`, in the batch too), and the packed attention
+(`posttrain.model.attention`) lets each branch attend to the first document's prefix. Every logit
+and gradient is the one of the unshared unit; the prompt's forward and backward are done once.
 """
 
 from __future__ import annotations
@@ -54,17 +61,54 @@ def take_in_order(buffer: list[Sample], budget: int) -> list[int]:
     return list(range(len(buffer)))
 
 
+def share_prefix(sample: Sample) -> Sample:
+    """`sample` with documents 1.. turned into branches of the latest unshared document (document 0
+    for a pair or a group after one prompt) where they share its first
+    tokens: a branch keeps its tokens from the last shared one on (that token's output predicts the
+    branch's first own token, so every target keeps the same prediction position), at its original
+    positions. Only untrained tokens are shared (the branch's labels before its kept part are all
+    -100), and each branch starts no later than the position the previous document ended at, so a
+    position that does not continue the previous one is always a new document (`attention.segments`).
+    A unit of one document, or one already shared, is returned as it is."""
+    docs = sample.docs
+    if len(docs) < 2 or sample.doc_starts is not None:
+        return sample
+    offsets = [0]
+    for n in docs[:-1]:
+        offsets.append(offsets[-1] + n)
+    root = sample.input_ids[: docs[0]]
+    ids, labels = list(sample.input_ids[: docs[0]]), list(sample.labels[: docs[0]])
+    lens, starts, prev_end = [docs[0]], [0], docs[0] - 1  # prev_end: the last position of the previous document
+    for n, off in zip(docs[1:], offsets[1:]):
+        d_ids, d_labels = sample.input_ids[off : off + n], sample.labels[off : off + n]
+        k = 0
+        while k < min(n - 1, len(root)) and d_ids[k] == root[k] and d_labels[k] == -100:
+            k += 1
+        s = min(max(k - 1, 0), prev_end)  # keep the last shared token; never continue the previous document
+        ids += d_ids[s:]
+        labels += d_labels[s:]
+        lens.append(n - s)
+        starts.append(s)
+        prev_end = n - 1
+        if s == 0:  # nothing shared: a document of its own, the root of any later branch
+            root = d_ids
+    if not any(starts):
+        return sample
+    return Sample(tuple(ids), tuple(labels), sample.where, tuple(lens), sample.epoch, tuple(starts))
+
+
 def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int | None = None) -> dict:
     """One row: the units end to end, then a padding segment up to `budget`, or (`multiple_of`) only
     up to the real length rounded up to that multiple (never beyond `budget`)."""
-    ids, labels, pos, lens, units = [], [], [], [], []
+    ids, labels, pos, lens, starts, units = [], [], [], [], [], []
     for s in samples:
         start = 0
-        for n in s.docs:
+        for n, p in zip(s.docs, s.starts):
             ids += s.input_ids[start : start + n]
             labels += (-100,) + tuple(s.labels[start + 1 : start + n])
-            pos += range(n)
+            pos += range(p, p + n)
             lens.append(n)
+            starts.append(p)
             start += n
         units.append(len(s.docs))
     real = len(ids)
@@ -79,6 +123,7 @@ def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int |
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "doc_lens": lens,
+        "doc_starts": starts,  # position of each document's first token (> 0: a branch)
         "unit_docs": units,
         "unit_where": [smp.where for smp in samples],  # file:line of each unit (a stable key)
         "num_tokens": real,
@@ -89,6 +134,8 @@ def pad_batch(samples: list[Sample], pad_id: int) -> dict:
     """Each document of each unit its own row (a pair: chosen row, then rejected row), right-padded."""
     rows = []  # (input_ids, labels) per document
     for s in samples:
+        if s.doc_starts is not None and any(s.doc_starts):
+            raise ValueError(f"{s.where}: a unit with shared-prefix branches can only be packed (data.packing: true)")
         start = 0
         for n in s.docs:
             rows.append((s.input_ids[start : start + n], s.labels[start : start + n]))

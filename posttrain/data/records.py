@@ -53,6 +53,11 @@ class Sample:
     A unit holds one or more documents laid end to end in `input_ids` (a preference pair: chosen
     then rejected). `doc_lens` gives their lengths; None means the whole sample is one document.
     The packer never splits a unit, and every document gets its own positions and attention.
+
+    `doc_starts` (None: all 0) is the position of each document's first token. A document starting at
+    s > 0 is a *branch*: it continues the first s tokens of the unit's first document, which it
+    attends to without repeating them (`packing.share_prefix`: a pair's or a group's prompt computed
+    once).
     """
 
     input_ids: tuple[int, ...]
@@ -60,11 +65,17 @@ class Sample:
     where: str  # file:line, for error messages
     doc_lens: tuple[int, ...] | None = None  # None: one document
     epoch: int = 0  # the pass over its source this sample was read in (set by the loader)
+    doc_starts: tuple[int, ...] | None = None  # None: every document starts at position 0
 
     @property
     def docs(self) -> tuple[int, ...]:
         """Lengths of the unit's documents, in order (one entry for a single-document sample)."""
         return self.doc_lens if self.doc_lens is not None else (len(self.input_ids),)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Position of each document's first token (0 unless it is a branch)."""
+        return self.doc_starts if self.doc_starts is not None else (0,) * len(self.docs)
 
 
 @dataclass

@@ -26,16 +26,23 @@ from .hf import unwrap
 NAME = "posttrain_packed"
 
 
-def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) of every document: a new one starts wherever position_ids == 0."""
-    spans = []
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """Per row, every document as (start, end, root, prefix). A document starts wherever the position
+    does not continue the previous one (pos[i] != pos[i-1] + 1; `packing.share_prefix` guarantees it
+    drops, pos[i] <= pos[i-1]). One starting at 0 is a root (root = start, prefix = 0); one starting
+    at p > 0 is a branch of the latest root: it attends to that root's first p tokens, then itself."""
+    out = []
     for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] or [0]
-        if starts[0] != 0:
-            starts.insert(0, 0)
-        ends = starts[1:] + [len(row)]
-        spans.append(list(zip(starts, ends)))
-    return spans
+        spans, root, s = [], 0, 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[i - 1] + 1:
+                p = row[s]
+                if p == 0 or s == 0:
+                    root, p = s, 0  # a row's first document is a root whatever its positions
+                spans.append((s, i, root, p))
+                s = i
+        out.append(spans)
+    return out
 
 
 def bucket_length(n: int) -> int:
@@ -52,21 +59,30 @@ _plan_cache: dict = {}
 
 def _plans(position_ids: torch.Tensor) -> list:
     """Per row: [(bucket width, number of documents, gather index)], and the index that puts every
-    position's output back in place. Built once per forward (every layer shares position_ids)."""
+    position's output back in place. Built once per forward (every layer shares position_ids).
+
+    A document is read as its key/value sequence: a root's own positions; a branch's root prefix then
+    its own positions (the prefix's queries are recomputed there and their outputs dropped: attention
+    is a small part of a layer, the prefix's projections and MLP are what sharing saves)."""
     key = (tuple(position_ids.shape), position_ids.cpu().numpy().tobytes())  # by content: addresses get reused
     if key in _plan_cache:
         return _plan_cache[key]
     plans = []
-    for spans, row_len in zip(document_spans(position_ids), [position_ids.shape[-1]] * position_ids.shape[0]):
-        buckets: dict[int, list[tuple[int, int]]] = {}
-        for s, e in spans:
-            buckets.setdefault(bucket_length(e - s), []).append((s, e))
+    for spans in segments(position_ids):
+        row_len = position_ids.shape[-1]
+        buckets: dict[int, list[tuple[int, int, int, int]]] = {}
+        for seg in spans:
+            s, e, _, p = seg
+            buckets.setdefault(bucket_length(p + e - s), []).append(seg)
         gathers, out_index, base = [], [0] * row_len, 0
         for width, docs in buckets.items():
             idx = []
-            for j, (s, e) in enumerate(docs):
-                idx.extend(min(s + k, row_len - 1) for k in range(width))
-                out_index[s:e] = range(base + j * width, base + j * width + (e - s))
+            for j, (s, e, root, p) in enumerate(docs):
+                seq = list(range(root, root + p)) + list(range(s, e))
+                # past its end a document reads the next positions (or a clamped repeat): its real
+                # queries never see them under the causal mask, and their outputs are dropped
+                idx.extend(seq + [min(e + k, row_len - 1) for k in range(width - len(seq))])
+                out_index[s:e] = range(base + j * width + p, base + j * width + p + (e - s))
             gathers.append((width, len(docs), torch.tensor(idx, device=position_ids.device)))
             base += len(docs) * width
         plans.append((gathers, torch.tensor(out_index, device=position_ids.device)))
@@ -96,9 +112,6 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     for b, (gathers, out_index) in enumerate(_plans(position_ids)):
         outs = []
         for width, n, idx in gathers:
-            # Each document of the bucket is read as `width` consecutive positions from its start:
-            # the tail past its end (the next document, or a clamped repeat) is never seen by its
-            # real queries under the causal mask, and its outputs are dropped by `out_index`.
             def take(t):
                 # (index_select here measured faster but raised a DPO run's peak RSS by ~170 MB)
                 return t[b][:, idx].unflatten(1, (n, width)).transpose(0, 1)  # (n, H, width, D)
@@ -148,21 +161,36 @@ def default_attention(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def check_document_isolation(model: torch.nn.Module, vocab_size: int) -> float:
-    """Probe the configured backend: a document's logits must not change when another document is
-    packed before it. Returns the max abs difference (the caller fails closed above tolerance)."""
+def _probe_diff(model: torch.nn.Module, row: torch.Tensor, pos: torch.Tensor, tail: int, alone: torch.Tensor) -> float:
+    """Max abs difference between the logits of the last `tail` positions of a packed `row` and those
+    of `alone` (the same document unpacked, its last `tail` positions)."""
     base = unwrap(model)
     device = next(base.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, vocab_size, (1, 5), generator=g).to(device)
-    b = torch.randint(0, vocab_size, (1, 7), generator=g).to(device)
-    packed = torch.cat([a, b], 1)
-    pos = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0).to(device)
     was_training = base.training
     base.eval()
     try:
-        got = base(input_ids=packed, position_ids=pos, use_cache=False).logits[:, 5:].float()
-        ref = base(input_ids=b, use_cache=False).logits.float()
+        got = base(input_ids=row[None].to(device), position_ids=pos[None].to(device), use_cache=False).logits[:, -tail:].float()
+        ref = base(input_ids=alone[None].to(device), use_cache=False).logits[:, -tail:].float()
     finally:
         base.train(was_training)
     return float((got - ref).abs().max())
+
+
+def check_document_isolation(model: torch.nn.Module, vocab_size: int) -> float:
+    """Probe the configured backend: a document's logits must not change when another document is
+    packed before it. Returns the max abs difference (the caller fails closed above tolerance)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab_size, (5,), generator=g), torch.randint(0, vocab_size, (7,), generator=g)
+    return _probe_diff(model, torch.cat([a, b]), torch.cat([torch.arange(5), torch.arange(7)]), 7, b)
+
+
+def check_prefix_sharing(model: torch.nn.Module, vocab_size: int) -> float:
+    """Probe shared-prefix rows (`packing.share_prefix`): a branch's logits must equal those of its
+    document unshared (prefix + own tokens). Only `packed_sdpa`'s per-document path reads branches;
+    dense attention (sliding-window layers, soft-capped scores) and other backends cut the branch off
+    its prefix and fail this. Returns the max abs difference."""
+    g = torch.Generator().manual_seed(1)
+    prefix, a, b = (torch.randint(0, vocab_size, (n,), generator=g) for n in (4, 3, 5))
+    row = torch.cat([prefix, a, prefix[-1:], b])  # root = prefix + a; branch = last prefix token + b
+    pos = torch.cat([torch.arange(7), torch.arange(3, 9)])
+    return _probe_diff(model, row, pos, 6, torch.cat([prefix, b]))

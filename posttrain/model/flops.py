@@ -35,6 +35,7 @@ Conventions (docs/mfu.md has the derivations):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -291,17 +292,21 @@ class FlopCounter:
         }
 
     # ------------------------------------------------------------------------------ per step
-    def breakdown(self, doc_lens: Iterable[int], n_target_tokens: int, n_micro_batches: int = 1) -> dict[str, dict[str, float]]:
+    def breakdown(self, doc_lens: Iterable[int], n_target_tokens: int, n_micro_batches: int = 1,
+                  doc_starts: Iterable[int] | None = None) -> dict[str, dict[str, float]]:
         """Per part ("layers", "attention", "adapters", "head"): forward, backward, and extra FLOPs
         of a step whose micro-batches hold documents of `doc_lens` (real tokens, all micro-batches
         together) and `n_target_tokens` loss positions. forward + backward is the model's work (MFU);
         `extra` is what the hardware does on top (HFU): checkpoint recomputation, and peft's second
-        evaluation of an expert-parameter LoRA fold (register_parametrization's consistency check)."""
+        evaluation of an expert-parameter LoRA fold (register_parametrization's consistency check).
+        `doc_starts`: each document's first position; a shared-prefix branch starting at s > 0 computes
+        its own tokens' projections and their scores against the prefix (not the prefix's again)."""
         a = self.arch
-        lens = [int(n) for n in doc_lens if n > 0]
-        tokens = float(sum(lens))
+        docs = [(int(n), int(s)) for n, s in zip(doc_lens, doc_starts if doc_starts is not None else itertools.repeat(0)) if n > 0]
+        tokens = float(sum(n for n, _ in docs))
         mb = float(n_micro_batches)
-        pairs: dict[int | None, float] = {w: float(sum(causal_pairs(n, w) for n in lens)) for w in set(a.windows)}
+        pairs: dict[int | None, float] = {
+            w: float(sum(causal_pairs(s + n, w) - causal_pairs(s, w) for n, s in docs)) for w in set(a.windows)}
         per_pair = 4.0 * a.head_dim * a.heads  # QK^T and AV, 2 FLOPs per multiply-add each
         parts = {p: {"forward": 0.0, "backward": 0.0, "extra": 0.0} for p in ("layers", "attention", "adapters", "head")}
         for i, L in enumerate(self._per_layer):
@@ -334,9 +339,10 @@ class FlopCounter:
             parts["adapters"]["extra"] += 2.0 * n * r * (H + V)
         return parts
 
-    def step_flops(self, doc_lens: Iterable[int], n_target_tokens: int, n_micro_batches: int = 1) -> dict[str, float]:
+    def step_flops(self, doc_lens: Iterable[int], n_target_tokens: int, n_micro_batches: int = 1,
+                   doc_starts: Iterable[int] | None = None) -> dict[str, float]:
         """{"model": FLOPs of the step's useful work (MFU), "hardware": plus recomputation (HFU)}."""
-        parts = self.breakdown(doc_lens, n_target_tokens, n_micro_batches)
+        parts = self.breakdown(doc_lens, n_target_tokens, n_micro_batches, doc_starts)
         model = sum(p["forward"] + p["backward"] for p in parts.values())
         return {"model": model, "hardware": model + sum(p["extra"] for p in parts.values())}
 

@@ -61,7 +61,11 @@ from ..compute.rundir import RunDir
 from ..compute.tracking import Trackers
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.loader import DataLoader
+from ..data.packing import share_prefix
+from ..data.records import encode_sft_record
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
+from ..model.attention import NAME as ATTN_PACKED
+from ..model.attention import check_prefix_sharing
 from ..model.export import export_hf, inference_state_dict
 from ..model.flops import FlopCounter
 from ..model.hf import decoder_layers, unwrap
@@ -89,7 +93,7 @@ class NothingTrained(RuntimeError):
 
 def _forward_flops(counter: FlopCounter, batch: dict) -> float:
     """Matmul FLOPs of one forward over a batch (decoder on real tokens, head on target positions)."""
-    parts = counter.breakdown(batch["doc_lens"], count_targets(batch["labels"]))
+    parts = counter.breakdown(batch["doc_lens"], count_targets(batch["labels"]), doc_starts=batch.get("doc_starts"))
     return sum(p["forward"] for p in parts.values())
 
 
@@ -224,6 +228,8 @@ class Engine:
         self.vocab = len(self.tokenizer)  # real vocabulary; embedding rows beyond it are padding
         self.model = self._load(cfg.model, lora=True)
         self.model.train()
+        self._shares_data = False  # a loader made with shared prompts (see _sharing)
+        self.share_prefix = self._prefix_sharing(self.model)  # data.share_prefix where the attention reads it
         self.flops = FlopCounter.from_model(self.model, vocab_size=self.vocab)  # documents, targets, LoRA, recompute
         self.peak = peak_flops(self.device, self.dtype, override=cfg.compute.peak_flops)  # calibrated before step 1
         self.peak_source = "compute.peak_flops" if cfg.compute.peak_flops else (
@@ -272,6 +278,24 @@ class Engine:
             dtype=self.master, merge_lora=self.cfg.export.merge_lora, packing=self.cfg.data.packing,
         )
 
+    def _prefix_sharing(self, model: torch.nn.Module, name: str = "the policy") -> bool:
+        """Whether packed units may share their prompt (data.share_prefix), probed on `model`: a
+        branch's logits must equal its unshared document's. Where it cannot, sharing is turned off with
+        a line saying why (an error if a loader already shares: a frozen model loaded after it)."""
+        d = self.cfg.data
+        if not (d.share_prefix and d.packing):
+            return False
+        attn = unwrap(model).config._attn_implementation
+        diff = check_prefix_sharing(model, self.vocab) if attn == ATTN_PACKED else None
+        if diff is not None and diff <= (1e-4 if self.master == torch.float32 else 5e-2):
+            return True
+        why = f"{name}'s attention {attn!r} cannot read shared-prefix rows" + (
+            f" (a branch's logits differ by {diff:.3g}: sliding-window or soft-capped attention)" if diff is not None else "")
+        if self._shares_data:
+            raise ConfigError(f"{why}, but the data already shares prompts; set data.share_prefix: false")
+        self.say(f"data.share_prefix: off, {why}")
+        return False
+
     def _shard(self, model: torch.nn.Module):
         if self.world == 1:
             return None
@@ -305,6 +329,8 @@ class Engine:
                 model = self._load(mcfg, lora=False)
             model.requires_grad_(False)
             model.eval()
+            if self.share_prefix:  # every model that reads the rows must read branches
+                self.share_prefix = self._prefix_sharing(model, "the reference copy" if source == "copy" else source)
             if self.compiled:
                 compile_layers(decoder_layers(model), self.say)
             fz = Frozen(self, model, root=self._shard(model))
@@ -329,9 +355,23 @@ class Engine:
         turns a record into a packing unit (default: SFT records). `one_pass`: a single epoch, in
         this thread (for a pass before training)."""
         cfg = self.cfg.data.model_copy(update={"max_epochs": 1}) if one_pass else self.cfg.data
-        kw = {"encode": encode} if encode is not None else {}
+        kw = {"encode": self._sharing(encode)}
         return DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
                           background=not one_pass, **kw)
+
+    def _sharing(self, encode: Callable | None) -> Callable:
+        """`encode` (default: SFT records), its units' shared prompts made branches when sharing is on."""
+        encode = encode or encode_sft_record
+        if not self.share_prefix or getattr(encode, "shares_prefix", False):
+            return encode
+        self._shares_data = True
+
+        def shared(*args):
+            out = encode(*args)
+            return [share_prefix(s) for s in out] if isinstance(out, list) else share_prefix(out)
+
+        shared.shares_prefix = True
+        return shared
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -370,7 +410,7 @@ class Engine:
         """This rank's share of data.eval_sources, packed like the training data, in file order."""
         d = self.cfg.data
         cfg = d.model_copy(update={"sources": d.eval_sources, "max_epochs": 1, "shuffle": False, "on_exhausted": "drop"})
-        kw = {"encode": encode} if encode is not None else {}
+        kw = {"encode": self._sharing(encode)}
         loader = DataLoader(cfg, self.tokenizer, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
                             background=False, **kw)
         cap = self.cfg.train.eval_max_batches
@@ -671,7 +711,8 @@ class Engine:
 
     def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
         micro = step.micro
-        f = self.flops.step_flops([n for b in micro for n in b["doc_lens"]], step.local_targets(), n_micro_batches=len(micro))
+        f = self.flops.step_flops([n for b in micro for n in b["doc_lens"]], step.local_targets(), n_micro_batches=len(micro),
+                                  doc_starts=[s for b in micro for s in b.get("doc_starts") or [0] * len(b["doc_lens"])])
         frozen = sum(fz.flops for fz in self.frozen_models)
         for fz in self.frozen_models:
             fz.flops = 0.0

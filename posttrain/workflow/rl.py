@@ -30,7 +30,7 @@ from ..compute import interrupt
 from ..compute.checkpoint import find_latest
 from ..compute.distributed import all_reduce
 from ..data.loader import SampleStream
-from ..data.packing import pack_row
+from ..data.packing import pack_row, share_prefix
 from ..data.prompts import Prompt, make_prompt_encoder, prompt_limit
 from ..data.records import RecordStats, Sample
 from ..model.export import export_hf
@@ -177,36 +177,67 @@ class Rollouts:
 
     def _micro_batches(self, items: list, epoch: int) -> list[dict]:
         """This rank's completions, split in order into `minibatches` parts, each packed best-fit into
-        micro-batches of at most data.max_tokens_per_batch tokens; equal counts on every rank."""
+        micro-batches of at most data.max_tokens_per_batch tokens; equal counts on every rank. With
+        prefix sharing (`Engine.share_prefix`) the completions of one prompt form one unit, their
+        prompt computed once (split where a unit would not fit a micro-batch)."""
         cfg = self.job.cfg.data
         budget, pad = cfg.max_tokens_per_batch, self.job.tokenizer.pad_token_id
         parts = [items[k :: self.minibatches] for k in range(self.minibatches)]
         micro: list[dict] = []
         for k, part in enumerate(parts):
-            rows: list[list] = []
-            for it in sorted(part, key=lambda it: -(len(it[0]) + len(it[1]))):
-                n = len(it[0]) + len(it[1])
-                row = next((r for r in rows if sum(len(x[0]) + len(x[1]) for x in r) + n <= budget), None)
+            rows: list[list] = []  # per row, its units: [(items, tokens)]
+            for unit in sorted(self._units(part, budget), key=lambda u: -u[1]):
+                row = next((r for r in rows if sum(u[1] for u in r) + unit[1] <= budget), None)
                 if row is None:
-                    rows.append([it])
+                    rows.append([unit])
                 else:
-                    row.append(it)
+                    row.append(unit)
             count = int(all_reduce(len(rows), "max"))
-            batches = [self._pack(r, budget, pad, k, epoch) for r in rows]
+            batches = [self._pack([u[0] for u in r], budget, pad, k, epoch) for r in rows]
             if not batches:  # no data for this rank in this minibatch: a weight-0 placeholder
-                batches = [self._pack([items[0] if items else self._dummy()], budget, pad, k, epoch, weight=0.0)]
+                batches = [self._pack([[items[0] if items else self._dummy()]], budget, pad, k, epoch, weight=0.0)]
             while len(batches) < count:
                 batches.append({**batches[-1], "weight": 0.0})
             micro += batches
         return micro
 
+    def _units(self, part: list, budget: int) -> list[tuple[list, int]]:
+        """Packing units of completions and their token counts: one completion each, or with prefix
+        sharing the completions of one prompt (in order), cut where the next would overflow `budget`."""
+        if not self.job.share_prefix:
+            return [([it], len(it[0]) + len(it[1])) for it in part]
+        groups: dict[str, list] = {}
+        for it in part:
+            groups.setdefault(it[4].rsplit("#", 1)[0], []).append(it)
+        units = []
+        for group in groups.values():
+            unit: list = []
+            for it in group:
+                if unit and len(self._sample(unit + [it]).input_ids) > budget:
+                    units.append(unit)
+                    unit = []
+                unit.append(it)
+            units.append(unit)
+        return [(u, len(self._sample(u).input_ids)) for u in units]
+
+    def _sample(self, unit: list) -> Sample:
+        """One packing unit of completions (prompt + completion each; the prompt's tokens untrained),
+        its shared prompt turned into branches when prefix sharing is on."""
+        ids, labels, lens = (), (), []
+        for p, c, _, _, _ in unit:
+            ids += tuple(p) + tuple(c)
+            labels += (-100,) * len(p) + tuple(c)
+            lens.append(len(p) + len(c))
+        s = Sample(ids, labels, unit[0][4], tuple(lens))
+        return share_prefix(s) if self.job.share_prefix else s
+
     def _dummy(self):
         t = self.job.tokenizer.pad_token_id
         return ((t,), (t,), [0.0], 0.0, "placeholder")
 
-    def _pack(self, row: list, budget: int, pad: int, minibatch: int, epoch: int, weight: float = 1.0) -> dict:
-        samples = [Sample(tuple(p) + tuple(c), (-100,) * len(p) + tuple(c), where) for p, c, _, _, where in row]
-        b = pack_row(samples, budget, pad, self.job.cfg.data.pack_to_multiple_of)
+    def _pack(self, units: list[list], budget: int, pad: int, minibatch: int, epoch: int, weight: float = 1.0) -> dict:
+        b = pack_row([self._sample(u) for u in units], budget, pad, self.job.cfg.data.pack_to_multiple_of)
+        row = [it for u in units for it in u]  # the documents' order
         b["behaviour_logp"] = torch.tensor([lp for _, _, lps, _, _ in row for lp in lps], dtype=torch.float32)
         b["advantages"] = torch.tensor([a for _, _, _, a, _ in row], dtype=torch.float32)
         b["minibatch"], b["epoch"], b["weight"] = minibatch, epoch, weight

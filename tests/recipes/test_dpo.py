@@ -13,7 +13,9 @@ import yaml
 from posttrain.cli import main, run_job
 from posttrain.config import ConfigError, JobConfig, load_config
 from posttrain.data.loader import DataLoader
+from posttrain.data.packing import pack_row, share_prefix
 from posttrain.data.pairs import encode_pair_record
+from posttrain.data.records import Sample
 from posttrain.data.tokenizer import load_tokenizer
 from posttrain.model.load import load_model
 from posttrain.model.preference import pair_logps, preference_loss
@@ -54,9 +56,10 @@ def naive_dpo(pi_c, pi_r, ref_c, ref_r, loss, beta, ls, gamma):
     return torch.relu(1 - beta * lr)
 
 
-@pytest.mark.parametrize("loss,ls,norm", [("sigmoid", 0.0, False), ("sigmoid", 0.2, True), ("ipo", 0.0, True),
-                                          ("hinge", 0.0, False), ("simpo", 0.1, True)])
-def test_loss_rewards_gradients_equal_plain_dpo(tiny_qwen3, pairs, loss, ls, norm):
+@pytest.mark.parametrize("loss,ls,norm,shared", [("sigmoid", 0.0, False, False), ("sigmoid", 0.2, True, True),
+                                                 ("ipo", 0.0, True, True), ("hinge", 0.0, False, True), ("simpo", 0.1, True, False)])
+def test_loss_rewards_gradients_equal_plain_dpo(tiny_qwen3, pairs, loss, ls, norm, shared):
+    """`shared`: each pair's prompt computed once (data.share_prefix), the plain side still whole."""
     cfg = JobConfig.model_validate(dpo_job(tiny_qwen3, pairs, "/tmp/unused", data={"max_tokens_per_batch": 1024}))
     tok = load_tokenizer(cfg.model)
     V = len(tok)
@@ -68,10 +71,19 @@ def test_loss_rewards_gradients_equal_plain_dpo(tiny_qwen3, pairs, loss, ls, nor
             p.add_(torch.randn_like(p) * 0.02)
     batch = next(DataLoader(cfg.data, tok, seed=0, background=False, encode=encode_pair_record))
     beta, gamma = 0.3, 0.4
+    ours_batch = batch
+    if shared:  # the same pairs, each rejected side a branch of its chosen side's prompt
+        ids, labels, at, units = batch["input_ids"][0].tolist(), batch["labels"][0].tolist(), 0, []
+        for u, n in enumerate(batch["unit_docs"]):
+            lens = batch["doc_lens"][len(units) * 2 : len(units) * 2 + n]
+            units.append(share_prefix(Sample(tuple(ids[at : at + sum(lens)]), tuple(labels[at : at + sum(lens)]), f"u{u}", tuple(lens))))
+            at += sum(lens)
+        ours_batch = pack_row(units, 1024, tok.pad_token_id, 64)
+        assert all(s.doc_starts[1] > 0 for s in units) and ours_batch["num_tokens"] < batch["num_tokens"]
     # ours: packed row, chunked head, per-document sums
-    pi = pair_logps(policy, batch, V, chunk_tokens=7)
+    pi = pair_logps(policy, ours_batch, V, chunk_tokens=7)
     with torch.no_grad():
-        r = pair_logps(ref, batch, V, chunk_tokens=7)
+        r = pair_logps(ref, ours_batch, V, chunk_tokens=7)
     lo, rc, rr = preference_loss(pi.normalised() if norm else pi, r.normalised() if norm else r,
                                  loss=loss, beta=beta, label_smoothing=ls, gamma=gamma)
     lo.sum().backward()

@@ -105,6 +105,22 @@ def test_kill_and_resume_continues_exactly(tiny_qwen3, prompts, tmp_path):
     assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], abs=1e-7)
 
 
+def test_shared_prompts_train_like_repeated_ones(tiny_qwen3, prompts, tmp_path):
+    """data.share_prefix (the default) computes each prompt once for its group: the same update as the
+    prompt repeated in every completion's row, on fewer tokens. A reference (KL) and 2 minibatches
+    (groups split between them, old log-probs recomputed) go through the shared rows too."""
+    runs = {}
+    for share in (True, False):
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / str(share), steps=2, data={"share_prefix": share},
+                       grpo={"beta": 0.1, "minibatches": 2, "reference": "copy"})
+        run_job(JobConfig.model_validate(job))
+        runs[share] = metrics(tmp_path / str(share))
+    for key in ("grad_norm", "kl", "entropy", "clip_fraction"):
+        assert [s[key] for s in runs[True]] == pytest.approx([s[key] for s in runs[False]], rel=1e-4, abs=1e-6), key
+    assert [s["target_tokens"] for s in runs[True]] == [s["target_tokens"] for s in runs[False]]
+    assert runs[True][0]["tokens_per_s"] * runs[True][0]["step_time_s"] < 0.8 * runs[False][0]["tokens_per_s"] * runs[False][0]["step_time_s"]
+
+
 def test_job_section_is_checked(tiny_qwen3, prompts, tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(grpo_job(tiny_qwen3, prompts, tmp_path / "r", grpo={"sampling": {"temperature": 0}})))
