@@ -8,11 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from posttrain.config import ConfigError, JobConfig
 from posttrain.data.packing import pack_row, share_prefix
+from posttrain.data.pairs import encode_pair_record
 from posttrain.data.records import Sample
 from posttrain.model.attention import check_prefix_sharing, segments
 from posttrain.model.flops import FlopCounter, causal_pairs
 from posttrain.model.preference import document_logps
+from posttrain.workflow.engine import Engine
+
+from conftest import job_dict, make_pairs, write_jsonl
 
 
 def unit(prompt, completions, where="f:1"):
@@ -94,12 +99,6 @@ def test_flops_count_a_branch_against_its_prefix():
 
 
 def test_a_frozen_model_that_cannot_read_branches_turns_sharing_off_or_is_refused(tiny_qwen3, tiny_gemma3, tmp_path, capsys):
-    from conftest import job_dict, make_pairs, write_jsonl
-
-    from posttrain.config import ConfigError, JobConfig
-    from posttrain.data.pairs import encode_pair_record
-    from posttrain.workflow.engine import Engine
-
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4))
     job = job_dict(tiny_qwen3, pairs, tmp_path / "r", recipe="dpo")
     job["dpo"] = {}
