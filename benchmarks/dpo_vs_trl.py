@@ -52,6 +52,7 @@ RUNNER = ROOT / "benchmarks" / "trl_dpo_runner.py"
 
 MODES = {
     "posttrain": dict(side="posttrain", precompute=False),
+    "posttrain - no prefix sharing": dict(side="posttrain", precompute=False, share=False),
     "posttrain precomputed ref": dict(side="posttrain", precompute=True),
     "posttrain precomputed ref - no prefix sharing": dict(side="posttrain", precompute=True, share=False),
     "TRL": dict(side="trl", precompute=False, sampling="sequential"),
@@ -105,6 +106,7 @@ def run_posttrain(tmp: Path, name: str, data: Path, a, budget: int, env: dict, p
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "grad_accum": 1,
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
+                    "checkpoint_every": None, "checkpoint_every_minutes": None,  # TRL: save_strategy "no"
                     "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
         "dpo": {"beta": a.beta, "loss": "sigmoid", "reference": "copy", "precompute_reference": MODES[name]["precompute"]},

@@ -128,6 +128,7 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                   "weight_decay": 0.0, "seed": 0, "log_every": a.steps},
         "compute": {"device": "cpu", "threads": a.threads, "output_dir": str(out), "progress": False,
+                    "checkpoint_every": None, "checkpoint_every_minutes": None,  # TRL: save_strategy "no"
                     "compile": MODES[name].get("compile", False), "peak_flops": 1.0e11},  # a fixed MFU peak: skips the matmul calibration at startup
         "export": {"enabled": False},
         "grpo": {"rewards": [{"fn": REWARD}], "prompts_per_step": a.prompts, "group_size": a.group,
