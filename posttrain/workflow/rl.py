@@ -185,40 +185,45 @@ class Rollouts:
         parts = [items[k :: self.minibatches] for k in range(self.minibatches)]
         micro: list[dict] = []
         for k, part in enumerate(parts):
-            rows: list[list] = []  # per row, its units: [(items, tokens)]
-            for unit in sorted(self._units(part, budget), key=lambda u: -u[1]):
-                row = next((r for r in rows if sum(u[1] for u in r) + unit[1] <= budget), None)
+            rows: list[list] = []  # per row, its units: [(items, sample)]
+            for unit in sorted(self._units(part, budget), key=lambda u: -len(u[1].input_ids)):
+                n = len(unit[1].input_ids)
+                row = next((r for r in rows if sum(len(u[1].input_ids) for u in r) + n <= budget), None)
                 if row is None:
                     rows.append([unit])
                 else:
                     row.append(unit)
             count = int(all_reduce(len(rows), "max"))
-            batches = [self._pack([u[0] for u in r], budget, pad, k, epoch) for r in rows]
+            batches = [self._pack(r, budget, pad, k, epoch) for r in rows]
             if not batches:  # no data for this rank in this minibatch: a weight-0 placeholder
-                batches = [self._pack([[items[0] if items else self._dummy()]], budget, pad, k, epoch, weight=0.0)]
+                it = items[0] if items else self._dummy()
+                batches = [self._pack([([it], self._sample([it]))], budget, pad, k, epoch, weight=0.0)]
             while len(batches) < count:
                 batches.append({**batches[-1], "weight": 0.0})
             micro += batches
         return micro
 
-    def _units(self, part: list, budget: int) -> list[tuple[list, int]]:
-        """Packing units of completions and their token counts: one completion each, or with prefix
+    def _units(self, part: list, budget: int) -> list[tuple[list, Sample]]:
+        """Packing units of completions with their samples: one completion each, or with prefix
         sharing the completions of one prompt (in order), cut where the next would overflow `budget`."""
         if not self.job.share_prefix:
-            return [([it], len(it[0]) + len(it[1])) for it in part]
+            return [([it], self._sample([it])) for it in part]
         groups: dict[str, list] = {}
         for it in part:
             groups.setdefault(it[4].rsplit("#", 1)[0], []).append(it)
         units = []
         for group in groups.values():
-            unit: list = []
-            for it in group:
-                if unit and len(self._sample(unit + [it]).input_ids) > budget:
-                    units.append(unit)
-                    unit = []
+            unit: list = [group[0]]
+            sample = self._sample(unit)
+            for it in group[1:]:
+                grown = self._sample(unit + [it])
+                if len(grown.input_ids) > budget:
+                    units.append((unit, sample))
+                    unit, grown = [], self._sample([it])
                 unit.append(it)
-            units.append(unit)
-        return [(u, len(self._sample(u).input_ids)) for u in units]
+                sample = grown
+            units.append((unit, sample))
+        return units
 
     def _sample(self, unit: list) -> Sample:
         """One packing unit of completions (prompt + completion each; the prompt's tokens untrained),
@@ -235,9 +240,10 @@ class Rollouts:
         t = self.job.tokenizer.pad_token_id
         return ((t,), (t,), [0.0], 0.0, "placeholder")
 
-    def _pack(self, units: list[list], budget: int, pad: int, minibatch: int, epoch: int, weight: float = 1.0) -> dict:
-        b = pack_row([self._sample(u) for u in units], budget, pad, self.job.cfg.data.pack_to_multiple_of)
-        row = [it for u in units for it in u]  # the documents' order
+    def _pack(self, units: list[tuple[list, Sample]], budget: int, pad: int, minibatch: int, epoch: int,
+              weight: float = 1.0) -> dict:
+        b = pack_row([sample for _, sample in units], budget, pad, self.job.cfg.data.pack_to_multiple_of)
+        row = [it for items, _ in units for it in items]  # the documents' order
         b["behaviour_logp"] = torch.tensor([lp for _, _, lps, _, _ in row for lp in lps], dtype=torch.float32)
         b["advantages"] = torch.tensor([a for _, _, _, a, _ in row], dtype=torch.float32)
         b["minibatch"], b["epoch"], b["weight"] = minibatch, epoch, weight
