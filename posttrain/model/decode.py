@@ -18,6 +18,7 @@ CUDA kernels), which on CPU is most of a decode step; on CPU this one lets the k
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -88,13 +89,122 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return logits
 
 
+class HFForward:
+    """The model's own forward with a KV cache (any family: its masks, sliding windows, soft-capping)."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)  # full-attention layers write into a buffer of the final length
+        self.cache.layers = [PreallocLayer(capacity) if type(layer) is DynamicLayer else layer for layer in self.cache.layers]
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def repeat(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def fast_supported(model) -> bool:
+    """A plain pre-norm decoder that `FastForward` computes exactly like the model's own forward: a
+    Llama / Mistral / Qwen2 / Qwen3 with full attention in every layer, SiLU MLP, RMSNorm and no
+    logit soft-capping. Anything else decodes through `HFForward`."""
+    cfg = model.config
+    full = all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"])
+    windows = getattr(cfg, "use_sliding_window", False) or cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)
+    return (cfg.model_type in FAST_FAMILIES and getattr(cfg, "hidden_act", None) == "silu" and full and not windows
+            and getattr(cfg, "pretraining_tp", 1) == 1 and getattr(cfg, "final_logit_softcapping", None) is None)
+
+
+def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    # transformers' LlamaRMSNorm: normalised in fp32, cast back, then scaled
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def _fused(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.cat([m.weight for m in linears])
+    return w, torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+
+
+class FastForward:
+    """The decoder of a `fast_supported` model as a few tensor ops per layer: q/k/v and gate/up as one
+    matmul each (weights concatenated once per call), K/V written into preallocated buffers, SDPA with
+    grouped-query heads as they are. Per decode step it runs about half the ops of the model's own
+    forward (no cache objects, no mask construction, no module hooks), which on CPU is where a small
+    model's decode time goes; the same logits to ~1e-6 (tests/workflow/test_rollout.py). vLLM's model
+    code does the same for speed; it is written here because the HF engine is what runs where vLLM
+    does not, and the reference vLLM is tested against."""
+
+    def __init__(self, model, capacity: int):
+        inner = model.model
+        self.embed, self.final_norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
+        cfg = model.config
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv, qkv_b = _fused(a.q_proj, a.k_proj, a.v_proj)
+            gu, gu_b = _fused(m.gate_proj, m.up_proj)
+            self.layers.append((layer.input_layernorm, qkv, qkv_b, getattr(a, "q_norm", None), getattr(a, "k_norm", None), a.o_proj,
+                                layer.post_attention_layernorm, gu, gu_b, m.down_proj, a.scaling))
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.inter = cfg.intermediate_size
+        w = self.embed.weight
+        self.cos, self.sin = (t[0] for t in inner.rotary_emb(w[:1], torch.arange(capacity, device=w.device)[None]))
+        self.capacity = capacity
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position of every row; `ids`, `pos` [rows, T] are the newest T tokens,
+        `mask` [rows, cached + T] marks real (1) and padding (0) keys, as for the model's forward."""
+        rows, T = ids.shape
+        end = mask.shape[1]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        if not self.k:
+            self.k = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
+            self.v = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
+        keys = mask[:, None, None, :].bool()
+        if T > 1:  # causal over the newest T; a padding query attends to itself (never to nothing: NaN)
+            q_at = torch.arange(end - T, end, device=ids.device)[:, None]
+            k_at = torch.arange(end, device=ids.device)[None, :]
+            keys = keys & (k_at <= q_at) | (k_at == q_at)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [rows, 1, T, D]
+        x = self.embed(ids)
+        for i, (n1, qkv, qkv_b, qn, kn, o, n2, gu, gu_b, down, scale) in enumerate(self.layers):
+            q, k, v = F.linear(_rms(x, n1), qkv, qkv_b).view(rows, T, H + 2 * KV, D).split([H, KV, KV], 2)
+            if qn is not None:
+                q, k = _rms(q, qn), _rms(k, kn)
+            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+            self.k[i][:, :, end - T : end] = k
+            self.v[i][:, :, end - T : end] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=keys, scale=scale,
+                                               enable_gqa=KV != H)
+            x = x + o(a.transpose(1, 2).reshape(rows, T, H * D))
+            g, u = F.linear(_rms(x, n2), gu, gu_b).split([self.inter, self.inter], -1)
+            x = x + down(F.silu(g) * u)
+        return self.head(_rms(x[:, -1:], self.final_norm))[:, -1]
+
+    def repeat(self, n: int) -> None:
+        self.k = [t.repeat_interleave(n, 0) for t in self.k]
+        self.v = [t.repeat_interleave(n, 0) for t in self.v]
+
+
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, vocab: int, stops: list[int], pad: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, fast: bool = True,
            ) -> list[tuple[list[int], list[float], bool]]:
     """n completions of every prompt (prompt-major: rows k*n .. k*n+n-1 are prompt k's), each as
     (token ids, log-probs, stopped): cut after the first stop id (included), else max_new_tokens long.
-    temperature 0 is greedy (log-probs then at T = 1)."""
+    temperature 0 is greedy (log-probs then at T = 1). `fast`: `FastForward` where the family allows."""
     device = next(model.parameters()).device
     P, B, width = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
@@ -102,12 +212,10 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     for i, p in enumerate(prompts):
         mask[i, width - len(p):] = 1  # the prompt, and every generated position
     pos = (mask[:, :width].cumsum(-1) - 1).clamp_(min=0)
-    cache = DynamicCache(config=model.config)  # full-attention layers write into a buffer of the final length
-    cache.layers = [PreallocLayer(width + max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    logits = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    forward = (FastForward if fast and fast_supported(model) else HFForward)(model, width + max_new_tokens)
+    logits = forward(ids, mask[:, :width], pos)
     if n > 1:  # the n samples of a prompt share its prefill
-        cache.batch_repeat_interleave(n)
+        forward.repeat(n)
         logits, mask, pos = (x.repeat_interleave(n, 0) for x in (logits, mask, pos))
     pos = pos[:, -1:]
     gen = torch.Generator(device).manual_seed(seed)
@@ -138,8 +246,7 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
             steps = t + 1
             break
         pos = pos + 1
-        logits = model(input_ids=tok, attention_mask=mask[:, : width + t + 1], position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = forward(tok, mask[:, : width + t + 1], pos)
     out = []
     stop_set = set(stops)
     for row, lp in zip(toks[:, :steps].tolist(), lps[:, :steps].tolist()):

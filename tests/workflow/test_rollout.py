@@ -224,3 +224,75 @@ def test_hf_engine_samples_the_processed_distribution(hf_engine, padded_dir, tok
             assert len(x.logprobs) == len(x.ids) and (x.finish == "stop") == (x.ids[-1] in hf_engine.eos)
             diff = max(diff, (want - torch.tensor(x.logprobs)).abs().max().item())
     assert diff < 1e-4, diff
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_bias(tiny_qwen3, tmp_path_factory):
+    """Qwen2 (q/k/v biases) with llama3 rope scaling, weights drawn at std 0.2 so logits are far from
+    uniform: a family and rope variant the fast decoder must get right from the modules it reads."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, initializer_range=0.2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # initialised to zero: make them count
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_padded", "llama", "qwen2_bias"])
+def test_fast_decoder_equals_the_models_own_forward(family, padded_dir, tiny_llama, tiny_qwen2_bias):
+    """`FastForward` (fused q/k/v and gate/up, own KV buffers) against the model's forward with its cache
+    (`HFForward`): the logits of a left-padded prefill and of decode steps after the rows are repeated
+    agree to 1e-5 of their scale, and `sample` gives the same tokens and log-probs either way, greedy and
+    sampled. Qwen3: q/k norms, grouped-query heads, padded vocabulary; Llama; Qwen2: biases, llama3 rope."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.model.decode import FastForward, HFForward, fast_supported, register_attention, sample
+
+    d = {"qwen3_padded": padded_dir, "llama": tiny_llama, "qwen2_bias": tiny_qwen2_bias}[family]
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation=register_attention()).eval()
+    assert fast_supported(model)
+    prompts = [tok.encode(t) for t in ["Hi.", "What is the capital of France? Spell it.", "Add 3 and 4."]]
+    width, new = max(map(len, prompts)), 6
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + new) for p in prompts])
+    pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    fast, ref = FastForward(model, width + new), HFForward(model, width + new)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        diffs = [(fast(ids, mask[:, :width], pos) - ref(ids, mask[:, :width], pos)).abs().max()]
+        fast.repeat(2), ref.repeat(2)
+        mask, pos = mask.repeat_interleave(2, 0), pos[:, -1:].repeat_interleave(2, 0)
+        for t in range(new):
+            tok_ids = torch.randint(0, len(tok), (len(prompts) * 2, 1), generator=g)
+            pos = pos + 1
+            a, b = fast(tok_ids, mask[:, : width + t + 1], pos), ref(tok_ids, mask[:, : width + t + 1], pos)
+            diffs.append((a - b).abs().max() / b.abs().max())
+    assert max(diffs) < 1e-5, diffs
+    for temperature in (0.0, 0.8):
+        kw = dict(n=3, max_new_tokens=10, vocab=len(tok), stops=[tok.eos_token_id], pad=0, temperature=temperature, top_k=5, seed=4)
+        a, b = sample(model, prompts, fast=True, **kw), sample(model, prompts, fast=False, **kw)
+        assert [r[0] for r in a] == [r[0] for r in b]
+        assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[1], rb[1])) < 1e-5
+
+
+def test_fast_decoder_leaves_other_families_to_the_models_forward(tiny_gemma3, tiny_qwen3_moe):
+    """Sliding windows and soft-capping (Gemma3), experts (Qwen3-MoE): decoded by the model's forward
+    (their greedy tokens equal `generate`'s: test_hf_engine_greedy_equals_transformers_generate)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model.decode import fast_supported
+
+    for d in (tiny_gemma3, tiny_qwen3_moe):
+        assert not fast_supported(AutoModelForCausalLM.from_pretrained(d))
