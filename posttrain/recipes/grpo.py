@@ -68,9 +68,13 @@ class Config(Strict):
         return paths | {f"rewards[{i}].model": r.model for i, r in enumerate(self.rewards) if r.model}
 
     def ray_resources(self) -> dict[str, float]:
-        """Ray resources beyond the policy workers: the engine's actor when placed apart."""
+        """Ray resources beyond the policy workers: the engine's and reward models' actors placed apart."""
         r = self.rollout
-        return {"CPU": r.cpus, "GPU": r.gpus} if r.placement == "separate" else {}
+        out = {"CPU": r.cpus, "GPU": r.gpus} if r.placement == "separate" else {"CPU": 0.0, "GPU": 0.0}
+        for spec in self.rewards:
+            for k, v in spec.ray_resources().items():
+                out[k] += v
+        return {k: v for k, v in out.items() if v}
 
     @model_validator(mode="after")
     def _sampled(self):

@@ -11,7 +11,9 @@ that raises, returns the wrong count or a non-number / NaN is an error naming it
 `None` means "not applicable" and scores 0 without counting as an error.
 
 A reward can also be a reward model (`model: DIR`, model/reward_model.py): a sequence-classification
-model scoring prompt + completion, on the process that scores (the RL controller, worker 0).
+model scoring prompt + completion, on the process that scores (the RL controller, worker 0), or with
+`placement: separate` in its own Ray actor with its own CPUs / GPU (a role of its own, verl's
+reward-model worker): it is started on the first call and scores while the other functions run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import ConfigError, Strict, resolve_import_path
+from ..config import ConfigError, Strict, check_model_source, resolve_import_path
 from ..model.reward_model import RewardModel
 
 
@@ -37,6 +39,10 @@ class RewardSpec(Strict):
     model: str | None = Field(None, description="instead of fn: a reward model, a sequence-classification model dir "
                               "(num_labels=1) scoring prompt + completion with its own chat template, run by the controller")
     batch_size: int = Field(16, ge=1, description="model: completions scored per forward")
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated", description="model: colocated (in the controller's process) or separate (its own Ray actor with cpus / gpus)")
+    cpus: float = Field(1, gt=0, description="model, separate placement: CPUs reserved for its actor")
+    gpus: float = Field(0, ge=0, description="model, separate placement: GPUs reserved for its actor")
     weight: float = Field(1.0, description="its weight in the total reward")
     name: str | None = Field(None, description="metric name (default: the function's name; reward_model for a model)")
 
@@ -44,7 +50,13 @@ class RewardSpec(Strict):
     def _one_source(self):
         if (self.fn is None) == (self.model is None):
             raise ValueError("a reward needs exactly one of `fn` (a function) or `model` (a reward model dir)")
+        if self.placement == "separate" and self.model is None:
+            raise ValueError("placement: separate places a reward model (`model`) in its own actor; a function runs in the controller")
         return self
+
+    def ray_resources(self) -> dict[str, float]:
+        """What its actor reserves (separate placement), for the job's Ray cluster."""
+        return {"CPU": self.cpus, "GPU": self.gpus} if self.placement == "separate" else {}
 
 
 class RewardError(RuntimeError):
@@ -72,7 +84,8 @@ class Rewards:
         self.fns: list[tuple[str, float, Callable]] = list(functions)
         for i, s in enumerate(specs):
             if s.model is not None:  # loaded on its first call: only the scoring process holds it
-                fn = RewardModel(s.model, device=device, dtype=dtype, batch_size=s.batch_size, key=f"{key}[{i}].model")
+                fn = (RemoteRewardModel(s, dtype=dtype, key=f"{key}[{i}].model") if s.placement == "separate" else
+                      RewardModel(s.model, device=device, dtype=dtype, batch_size=s.batch_size, key=f"{key}[{i}].model"))
                 self.fns.append((s.name or "reward_model", s.weight, fn))
                 continue
             fn = resolve_import_path(s.fn, key=f"{key}[{i}].fn")
@@ -95,6 +108,16 @@ class Rewards:
             per_fn[name], errors[name] = values, bad
             total += weight * values
         return Scored(total.float(), {k: v.float() for k, v in per_fn.items()}, errors, time.perf_counter() - t0)
+
+    def remote_specs(self) -> list[RewardSpec]:
+        """The reward models placed in actors of their own."""
+        return [fn.spec for _, _, fn in self.fns if isinstance(fn, RemoteRewardModel)]
+
+    def close(self) -> None:
+        """Stop the reward models placed in actors of their own."""
+        for _, _, fn in self.fns:
+            if isinstance(fn, RemoteRewardModel):
+                fn.close()
 
     def _call_all(self, kwargs: dict) -> list:
         outs: list = [None] * len(self.fns)
@@ -148,3 +171,60 @@ class Rewards:
                 continue
             result[i] = float(v)
         return result, bad
+
+
+class _RewardModelActor:
+    """A reward model in its own Ray actor, loaded at start (a model that does not load fails then)."""
+
+    def __init__(self, path: str, dtype: str, batch_size: int, key: str):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = RewardModel(path, device=device, dtype=getattr(torch, dtype), batch_size=batch_size, key=key)
+        self.model.score([], [])  # loads it
+
+    def score(self, prompts: list, completions: list[str]) -> list[float]:
+        return self.model.score(prompts, completions)
+
+
+class RemoteRewardModel:
+    """`placement: separate`: the reward model's actor, started on the first call (only the process that
+    scores starts one). A call returns an awaitable, so it scores while the other reward functions run."""
+
+    def __init__(self, spec: RewardSpec, *, dtype: torch.dtype, key: str):
+        check_model_source(spec.model, key=key)  # a path that cannot be there fails now, not at the first score
+        self.spec, self.dtype, self.key = spec, str(dtype).removeprefix("torch."), key
+        self.actor, self.own_ray = None, False
+
+    def _start(self) -> None:
+        import ray
+
+        from .rollout import ensure_ray
+
+        self.own_ray = ensure_ray(self.spec.cpus)
+        self.actor = ray.remote(_RewardModelActor).options(num_cpus=self.spec.cpus, num_gpus=self.spec.gpus).remote(
+            self.spec.model, self.dtype, self.spec.batch_size, self.key)
+        try:
+            ray.get(self.actor.__ray_ready__.remote())
+        except ray.exceptions.RayError as e:
+            self.close()
+            cause = getattr(e, "cause", None) or getattr(getattr(e, "error", None), "cause", None)
+            raise ConfigError(str(cause) if isinstance(cause, ConfigError) else f"{self.key}: its actor did not start: {e}") from None
+
+    def __call__(self, prompts, completions, **_):
+        if self.actor is None:
+            self._start()
+        ref = self.actor.score.remote(list(prompts), list(completions))
+
+        async def scores():
+            return await ref
+
+        return scores()
+
+    def close(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.kill(self.actor)
+            self.actor = None
+        if self.own_ray:
+            ray.shutdown()
+            self.own_ray = False

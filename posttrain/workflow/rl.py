@@ -36,7 +36,7 @@ from ..data.records import RecordStats, Sample
 from ..model.export import export_hf
 from ..model.rl import group_advantages, zero_variance_groups
 from .rewards import Rewards
-from .rollout import Completion, EngineConfig, Sampling, start_engine
+from .rollout import Completion, EngineConfig, Sampling, ensure_ray, start_engine
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -59,7 +59,10 @@ class Rollouts:
         self.stream = SampleStream(cfg.data, job.tokenizer, seed=cfg.train.seed, rank=0, world_size=1,
                                    encode=make_prompt_encoder(prompt_limit(cfg.data, sampling.max_new_tokens))) if self.rank0 else None
         self.stats = self.stream.stats if self.rank0 else RecordStats()
-        self.engine = None
+        self.engine, self.own_ray = None, False
+        apart = (engine.cpus if engine.placement == "separate" else 0) + sum(r.cpus for r in rewards.remote_specs())
+        if self.rank0 and apart:  # one Ray (a local one for an in-process trainer) for every actor placed apart
+            self.own_ray = ensure_ray(apart)
         # The engine starts from the policy as it is now (its vocabulary padding, LoRA merged).
         model = job.unsharded()
         if self.rank0:
@@ -275,6 +278,7 @@ class Rollouts:
         return "prompts"
 
     def close(self) -> None:
+        self.rewards.close()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             try:
@@ -284,4 +288,9 @@ class Rollouts:
                     raise
         if self.rank0:
             shutil.rmtree(self.model_dir, ignore_errors=True)
+        if self.own_ray:
+            import ray
+
+            ray.shutdown()
+            self.own_ray = False
 

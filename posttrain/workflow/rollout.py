@@ -20,6 +20,7 @@ fails there), then the prefix cache is reset, or prompts cached before the updat
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -197,6 +198,18 @@ class HFEngine:
         self.model = None
 
 
+def ensure_ray(cpus: float) -> bool:
+    """Ray for an actor placed apart: the job's cluster when the trainer runs on Ray workers, else a
+    local one started here for an in-process trainer (one worker). True when started here: the caller
+    shuts it down when done."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1), include_dashboard=False, log_to_driver=True)
+    return True
+
+
 class _EngineActor:
     """A rollout engine in its own Ray actor (placement: separate)."""
 
@@ -227,9 +240,7 @@ class RemoteEngine:
     def __init__(self, cfg: EngineConfig, model_dir: str | Path, *, dtype: torch.dtype, max_model_len: int, seed: int, scratch: Path):
         import ray
 
-        self.own_ray = not ray.is_initialized()
-        if self.own_ray:  # an in-process trainer (one worker): a local Ray for the engine alone, shut down on close
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cpus) + 1), include_dashboard=False, log_to_driver=True)
+        self.own_ray = ensure_ray(cfg.cpus)
         self.scratch = scratch
         self.actor = ray.remote(_EngineActor).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus).remote(
             cfg, str(model_dir), str(dtype).removeprefix("torch."), max_model_len, seed, str(scratch))

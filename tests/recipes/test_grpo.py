@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from posttrain.cli import run_job
@@ -187,15 +188,26 @@ def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts
 
 @pytest.mark.slow
 def test_engine_placed_apart_gives_the_same_run(tiny_qwen3, prompts, tmp_path):
-    """rollout.placement: separate runs the engine in its own Ray actor (weights by file): the same
-    completions and updates as the engine beside the trainer."""
+    """rollout.placement: separate runs the engine in its own Ray actor (weights by file), and a reward
+    model's placement: separate runs it in another: the same completions, rewards and updates as both
+    beside the trainer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_cfg = AutoConfig.from_pretrained(tiny_qwen3, num_labels=1)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(rm_cfg).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_qwen3).save_pretrained(tmp_path / "rm")
     runs = {}
     for placement in ("colocated", "separate"):
-        job = grpo_job(tiny_qwen3, prompts, tmp_path / placement, steps=2, grpo={"rollout": {"engine": "hf", "placement": placement}})
+        rewards = [{"fn": f"{HERE}:says_the"}, {"model": str(tmp_path / "rm"), "weight": 5.0, "placement": placement}]
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / placement, steps=2,
+                       grpo={"rollout": {"engine": "hf", "placement": placement}, "rewards": rewards})
         run_job(JobConfig.model_validate(job))
         runs[placement] = metrics(tmp_path / placement)
     for a, b in zip(runs["colocated"], runs["separate"]):
-        assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
+        assert a["completion/length_mean"] == b["completion/length_mean"] and a["reward/says_the/mean"] == b["reward/says_the/mean"]
+        assert b["reward/reward_model/mean"] == pytest.approx(a["reward/reward_model/mean"], abs=1e-6)
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-5)
         for key in ("grad_norm", "entropy"):  # the same within float reordering (Ray in the process)
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert runs["separate"][1]["rollout/logp_diff_max"] < 1e-4  # the actor's engine got the update

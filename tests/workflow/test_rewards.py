@@ -5,6 +5,7 @@ import asyncio
 import math
 
 import pytest
+import torch
 
 from posttrain.config import ConfigError
 from posttrain.workflow.rewards import RewardError, Rewards, RewardSpec
@@ -115,3 +116,34 @@ def test_a_reward_model_scores_each_completion_as_its_own_forward(tiny_qwen3, tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].model: cannot load a sequence-classification reward model"):
         Rewards([RewardSpec(model=str(tmp_path / "empty"))], key="grpo.rewards", on_error="zero")(["p"], ["c"], [[1]], {})
+
+
+def test_a_reward_model_placed_apart_scores_like_one_in_process(tiny_qwen3, tmp_path):
+    """`placement: separate`: the reward model in its own Ray actor (started on the first call, awaited
+    beside the other functions) gives the scores the in-process one gives; one that does not load is
+    the same config error, raised from the actor's start; close() stops the actor and the local Ray."""
+    import ray
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_qwen3, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    cfg.pad_token_id = tok.pad_token_id
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    (tmp_path / "empty").mkdir()
+    prompts, completions = ["Add 3 and 4.", "Hi", "Spell moon."], ["7", "hello there, how are you", "m-o-o-n"]
+    with pytest.raises(ValueError, match="placement: separate places a reward model"):
+        RewardSpec(fn=f"{__name__}:length_reward", placement="separate")
+    here = Rewards([RewardSpec(model=str(tmp_path / "rm"), batch_size=2), spec("length_reward")])
+    apart = Rewards([RewardSpec(model=str(tmp_path / "rm"), batch_size=2, placement="separate"), spec("length_reward")])
+    assert not ray.is_initialized()  # started on the first call, not before
+    try:
+        a, b = here(prompts, completions, [[1]] * 3, {}), apart(prompts, completions, [[1]] * 3, {})
+        assert ray.is_initialized() and torch.allclose(a.total, b.total, atol=1e-6)
+        assert torch.allclose(a.per_fn["reward_model"], b.per_fn["reward_model"], atol=1e-6)
+        bad = Rewards([RewardSpec(model=str(tmp_path / "empty"), placement="separate")], key="grpo.rewards", on_error="zero")
+        with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].model: cannot load a sequence-classification reward model"):
+            bad(["p"], ["c"], [[1]], {})
+    finally:
+        apart.close()
+    assert not ray.is_initialized()
