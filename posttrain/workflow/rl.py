@@ -60,6 +60,9 @@ class Rollouts:
                                    encode=make_prompt_encoder(prompt_limit(cfg.data, sampling.max_new_tokens))) if self.rank0 else None
         self.stats = self.stream.stats if self.rank0 else RecordStats()
         self.engine, self.own_ray = None, False
+        # rollout.overlap: the next step's generation, started before this step trains:
+        # {"index", "prompts", "handle" (the engine's handle, or (completions, seconds) once received), "stream_before"}
+        self.overlap, self.pending = engine.overlap, None
         apart = (engine.cpus if engine.placement == "separate" else 0) + sum(r.cpus for r in rewards.remote_specs())
         if self.rank0 and apart:  # one Ray (a local one for an in-process trainer) for every actor placed apart
             self.own_ray = ensure_ray(apart)
@@ -115,7 +118,8 @@ class Rollouts:
             # it arrived after the last step's check (during its checkpoint): the engine may be gone
             # already, and a generate call on a dead vLLM engine core waits forever
             raise self._stopped(signum, index, "before")
-        before = self.stream.state_dict()
+        ahead = self.pending is not None and self.pending["index"] == index
+        before = self.pending["stream_before"] if ahead else self.stream.state_dict()
         try:
             return self._generate(index)
         except Exception:
@@ -123,6 +127,7 @@ class Rollouts:
             if not signum:
                 raise
             self.stream.load_state_dict(before)
+            self.pending = None
             raise self._stopped(signum, index, "during") from None
 
     def _stopped(self, signum: int, index: int, when: str) -> interrupt.Interrupted:
@@ -133,18 +138,38 @@ class Rollouts:
                else "no checkpoint to resume from (compute.checkpoint_every)")
             + " (rollout.placement: separate keeps the engine out of the terminal's reach)"))
 
-    def _generate(self, index: int):
+    def _draw(self) -> list[Prompt]:
         prompts: list[Prompt] = []
         while len(prompts) < self.P:
             p = self.stream.next()
             if p is None:
                 break
             prompts.append(p)
-        if not prompts:
-            return None
+        return prompts
+
+    def _generate(self, index: int):
+        seed = self.job.cfg.train.seed
+        pending, self.pending = self.pending, None
+        if pending is not None and pending["index"] == index:  # started while the last step trained
+            prompts = pending["prompts"]
+            with self.phase("generate"):  # the part of it the trainer waits for
+                done = pending["handle"] if isinstance(pending["handle"], tuple) else self.engine.result(pending["handle"])
+            groups, gen_s = done
+        else:
+            prompts = self._draw()
+            if not prompts:
+                return None
+            with self.phase("generate"):
+                groups = self.engine.generate([list(p.ids) for p in prompts], self.sampling, n=self.G, seed=step_seed(seed, index))
+            gen_s = self.times["generate"]
+        if self.overlap and index < self.job.cfg.train.steps:
+            # the next step's prompts go to the engine now, to generate while this step trains: from the
+            # weights it holds (before this step's update; its sync queues behind this generation)
+            before = self.stream.state_dict()
+            if nxt := self._draw():
+                handle = self.engine.submit([list(p.ids) for p in nxt], self.sampling, n=self.G, seed=step_seed(seed, index + 1))
+                self.pending = {"index": index + 1, "prompts": nxt, "handle": handle, "stream_before": before}
         tok = self.job.tokenizer
-        with self.phase("generate"):
-            groups = self.engine.generate([list(p.ids) for p in prompts], self.sampling, n=self.G, seed=step_seed(self.job.cfg.train.seed, index))
         flat: list[tuple[Prompt, Completion]] = [(p, c) for p, g in zip(prompts, groups) for c in g]
         with self.phase("reward"):
             texts = tok.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
@@ -166,7 +191,8 @@ class Rollouts:
             "reward/zero_variance_groups": zero_var.float().mean().item(),
             "completion/length_mean": lens.mean().item(), "completion/length_max": lens.max().item(),
             "completion/truncated": truncated.float().mean().item(), "completion/trained": keep.float().mean().item(),
-            "generated_tokens_per_s": lens.sum().item() / max(self.times["generate"], 1e-9),
+            "generated_tokens_per_s": lens.sum().item() / max(gen_s, 1e-9),
+            "rollout/off_policy_steps": float(pending is not None and pending["index"] == index),
         }
         for name, values in scored.per_fn.items():
             metrics[f"reward/{name}/mean"] = values.mean().item()
@@ -267,12 +293,22 @@ class Rollouts:
 
     # ---------------------------------------------------------------------------- loader protocol
     def state_dict(self) -> dict:
-        return {"prompts": self.stream.state_dict()} if self.rank0 else {}
+        """The prompt stream, and with rollout.overlap the next step's completions: generated from the
+        weights before this step's update, which a resumed engine no longer holds."""
+        if not self.rank0:
+            return {}
+        out = {"prompts": self.stream.state_dict()}
+        if self.pending is not None:
+            if not isinstance(self.pending["handle"], tuple):  # done by now: the step's sync waited for it
+                self.pending["handle"] = self.engine.result(self.pending["handle"])
+            out["pending"] = dict(self.pending)
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if self.rank0:
             self.stream.load_state_dict(state["prompts"])
             self.stats = self.stream.stats
+            self.pending = state.get("pending")
 
     def proportions(self) -> str:
         return "prompts"

@@ -24,12 +24,13 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import ConfigError, Strict
 
@@ -55,8 +56,18 @@ class EngineConfig(Strict):
     enforce_eager: bool = Field(True, description="vLLM: skip torch.compile of the model (slow to start on CPU)")
     placement: Literal["colocated", "separate"] = Field(
         "colocated", description="colocated: beside rank 0, taking turns with training; separate: its own Ray actor and resources")
+    overlap: bool = Field(
+        False, description="separate placement: generate the next step's completions while this step trains (one step off-policy: "
+        "from the weights before this step's update; the importance correction accounts for it)")
     cpus: float = Field(1, gt=0, description="separate placement: CPUs reserved for the engine's actor")
     gpus: float = Field(0, ge=0, description="separate placement: GPUs reserved for the engine's actor")
+
+
+    @model_validator(mode="after")
+    def _overlap_apart(self):
+        if self.overlap and self.placement != "separate":
+            raise ValueError("overlap: true needs placement: separate (the engine generates in its own actor while the trainer trains)")
+        return self
 
 
 @dataclass
@@ -222,7 +233,8 @@ class _EngineActor:
                                    device=device, max_model_len=max_model_len, seed=seed, scratch=Path(scratch))
 
     def generate(self, prompts, sampling, n, seed):
-        return self.engine.generate(prompts, sampling, n=n, seed=seed)
+        t0 = time.perf_counter()
+        return self.engine.generate(prompts, sampling, n=n, seed=seed), time.perf_counter() - t0
 
     def sync_file(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -247,9 +259,18 @@ class RemoteEngine:
         ray.get(self.actor.__ray_ready__.remote())
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
+        return self.result(self.submit(prompts, sampling, n=n, seed=seed))[0]
+
+    def submit(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int):
+        """Start a generation in the actor and return at once (a handle for `result`); calls run in the
+        actor in the order made, so a `sync` made after it waits for it."""
+        return self.actor.generate.remote(prompts, sampling, n, seed)
+
+    def result(self, handle) -> tuple[list[list[Completion]], float]:
+        """The completions of a `submit`, and the seconds the engine took to generate them."""
         import ray
 
-        return ray.get(self.actor.generate.remote(prompts, sampling, n, seed))
+        return ray.get(handle)
 
     def sync(self, state: dict[str, torch.Tensor]) -> None:
         import ray

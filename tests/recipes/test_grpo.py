@@ -214,6 +214,38 @@ def test_engine_placed_apart_gives_the_same_run(tiny_qwen3, prompts, tmp_path):
 
 
 @pytest.mark.slow
+def test_overlapped_rollouts_are_one_step_off_policy_and_resume_exactly(tiny_qwen3, prompts, tmp_path):
+    """rollout.overlap: each step's completions after the first are generated while the previous step
+    trains, from the weights before its update. Step 1 is on-policy (engine and trainer log-probs
+    agree); later steps are one update behind (they differ; the importance weights correct it).
+    Stopped mid-run (SIGTERM: a checkpoint that holds the completions generated ahead, which the
+    resumed engine's weights could not reproduce) and resumed, the run continues exactly."""
+    import signal
+
+    for name in ("ref", "stopped"):
+        job = grpo_job(tiny_qwen3, prompts, tmp_path / name, steps=5, compute={"checkpoint_every": 10},
+                       grpo={"rollout": {"engine": "hf", "placement": "separate", "overlap": True}})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
+
+    def cli(name):
+        return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(tmp_path / f"{name}.yaml")], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    ref = cli("ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run_and_kill(tmp_path / "stopped.yaml", tmp_path / "stopped", kill_at=2, sig=signal.SIGTERM, returncode=128 + signal.SIGTERM)
+    stopped_at = len(metrics(tmp_path / "stopped"))
+    assert 2 <= stopped_at < 5
+    done = cli("stopped")
+    assert done.returncode == 0 and "resumed" in done.stderr, done.stderr[-3000:]
+    want, got = metrics(tmp_path / "ref"), metrics(tmp_path / "stopped")
+    keys = ("grad_norm", "entropy", "reward/mean", "completion/length_mean", "rollout/logp_diff_max", "importance/weight_mean")
+    assert [[s[k] for k in keys] for s in got] == [[s[k] for k in keys] for s in want]
+    assert want[0]["rollout/off_policy_steps"] == 0 and want[0]["rollout/logp_diff_max"] < 1e-4
+    assert all(s["rollout/off_policy_steps"] == 1 and s["rollout/logp_diff_max"] > 1e-3 for s in want[1:])
+
+
+@pytest.mark.slow
 def test_ctrl_c_with_a_vllm_engine_stops_cleanly_and_resumes(tiny_qwen3_h32, prompts, tmp_path):
     """A terminal Ctrl-C reaches the whole process group, vLLM's engine processes included (they stop
     on SIGINT): the run still stops with one line, no traceback, no orphaned engine, and resumes."""
