@@ -18,6 +18,9 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
 - the same with `compute.compile: true` (the trainer's decoder layers compiled; not the rollout copy);
 - the same with `data.share_prefix: false` (each completion's row repeats its prompt, as TRL's do;
   by default a prompt is computed once for its group of G completions);
+- the same engine in its own actor (1 CPU) with `rollout.overlap: true`: the next step generated while
+  this one trains (one step off-policy; its generate column is then only the wait, and its generated
+  tok/s the engine's own);
 - TRL 1.16 GRPOTrainer, transformers generate (`use_vllm=False`), in benchmarks/.trl-venv (run
   `bash benchmarks/setup_trl_venv.sh` once).
 
@@ -62,6 +65,7 @@ MODES = {
     "posttrain HF generate": dict(side="posttrain", engine="hf"),
     "posttrain HF generate + compile": dict(side="posttrain", engine="hf", compile=True),
     "posttrain HF generate - no prefix sharing": dict(side="posttrain", engine="hf", share=False),
+    "posttrain HF generate overlapped (1 step off-policy)": dict(side="posttrain", engine="hf", overlap=True),
     "TRL HF generate": dict(side="trl"),
 }
 SPLIT = ("generate", "reward", "reference", "train", "sync")
@@ -133,7 +137,10 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "export": {"enabled": False},
         "grpo": {"rewards": [{"fn": REWARD}], "prompts_per_step": a.prompts, "group_size": a.group,
                  "sampling": {"temperature": a.temperature, "max_new_tokens": a.max_new},
-                 "rollout": {"engine": MODES[name]["engine"]}, "beta": 0.0, "scale_rewards": "group",
+                 "rollout": {"engine": MODES[name]["engine"],
+                             # the engine in its own actor (1 CPU), generating the next step during this one
+                             **({"placement": "separate", "overlap": True, "cpus": 1} if MODES[name].get("overlap") else {})},
+                 "beta": 0.0, "scale_rewards": "group",
                  "loss_aggregation": "token_mean", "clip_low": 0.2, "clip_high": 0.2, "ppo_epochs": 1, "minibatches": 1},
     }
     import yaml
@@ -155,6 +162,8 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "end": [r["time"] for r in rows], "loss": [r["loss"] for r in rows],
         "reward": [r["reward/mean"] for r in rows], "completion_len": [r["completion/length_mean"] for r in rows],
         "wall": wall,
+        # overlapped: time/generate_s is only the wait for it; the engine's own generation time is in the metric
+        **({"engine_tok_s": [r["generated_tokens_per_s"] for r in rows]} if MODES[name].get("overlap") else {}),
     }
 
 
@@ -202,7 +211,8 @@ def summarize(r: dict, warmup: int) -> dict:
     return {
         "step_s": step, **{f"{k}_s": v for k, v in split.items()},
         "other_s": step - sum(split.values()),
-        "gen_tok_s": gen_tokens / max(sum(r["split"]["generate"][warmup:]), 1e-9),
+        "gen_tok_s": (statistics.mean(r["engine_tok_s"][warmup:]) if "engine_tok_s" in r
+                      else gen_tokens / max(sum(r["split"]["generate"][warmup:]), 1e-9)),
         "step_tok_s": gen_tokens / (step * timed),
         "gen_sync_share": (split["generate"] + split["sync"]) / step,
         "window_s": (r["end"][-1] - r["end"][warmup - 1]) / timed,  # end to end, between step ends (a cross-check)
