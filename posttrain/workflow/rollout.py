@@ -62,7 +62,6 @@ class EngineConfig(Strict):
     cpus: float = Field(1, gt=0, description="separate placement: CPUs reserved for the engine's actor")
     gpus: float = Field(0, ge=0, description="separate placement: GPUs reserved for the engine's actor")
 
-
     @model_validator(mode="after")
     def _overlap_apart(self):
         if self.overlap and self.placement != "separate":
