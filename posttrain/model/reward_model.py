@@ -24,7 +24,8 @@ class RewardModel:
         self.model = self.tokenizer = None
         check_model_source(self.path, key=key)  # a path that cannot be there fails now, not at the first score
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the model and its tokenizer (`score` does on its first call)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -51,7 +52,7 @@ class RewardModel:
     def score(self, prompts: list, completions: list[str]) -> list[float]:
         """One scalar per (prompt, completion)."""
         if self.model is None:
-            self._load()
+            self.load()
         tok, out = self.tokenizer, []
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
         for i in range(0, len(texts), self.batch_size):

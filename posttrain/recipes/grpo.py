@@ -69,11 +69,10 @@ class Config(Strict):
 
     def ray_resources(self) -> dict[str, float]:
         """Ray resources beyond the policy workers: the engine's and reward models' actors placed apart."""
-        r = self.rollout
-        out = {"CPU": r.cpus, "GPU": r.gpus} if r.placement == "separate" else {"CPU": 0.0, "GPU": 0.0}
-        for spec in self.rewards:
-            for k, v in spec.ray_resources().items():
-                out[k] += v
+        out: dict[str, float] = {}
+        for part in (self.rollout, *self.rewards):
+            for k, v in part.ray_resources().items():
+                out[k] = out.get(k, 0.0) + v
         return {k: v for k, v in out.items() if v}
 
     @model_validator(mode="after")

@@ -109,9 +109,9 @@ class Rewards:
             total += weight * values
         return Scored(total.float(), {k: v.float() for k, v in per_fn.items()}, errors, time.perf_counter() - t0)
 
-    def remote_specs(self) -> list[RewardSpec]:
-        """The reward models placed in actors of their own."""
-        return [fn.spec for _, _, fn in self.fns if isinstance(fn, RemoteRewardModel)]
+    def remote_cpus(self) -> float:
+        """CPUs the reward models placed in actors of their own reserve."""
+        return sum(fn.spec.ray_resources()["CPU"] for _, _, fn in self.fns if isinstance(fn, RemoteRewardModel))
 
     def close(self) -> None:
         """Stop the reward models placed in actors of their own."""
@@ -179,7 +179,7 @@ class _RewardModelActor:
     def __init__(self, path: str, dtype: str, batch_size: int, key: str):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = RewardModel(path, device=device, dtype=getattr(torch, dtype), batch_size=batch_size, key=key)
-        self.model.score([], [])  # loads it
+        self.model.load()
 
     def score(self, prompts: list, completions: list[str]) -> list[float]:
         return self.model.score(prompts, completions)

@@ -63,7 +63,7 @@ class Rollouts:
         # rollout.overlap: the next step's generation, started before this step trains:
         # {"index", "prompts", "handle" (the engine's handle, or (completions, seconds) once received), "stream_before"}
         self.overlap, self.pending = engine.overlap, None
-        apart = (engine.cpus if engine.placement == "separate" else 0) + sum(r.cpus for r in rewards.remote_specs())
+        apart = engine.ray_resources().get("CPU", 0) + rewards.remote_cpus()
         if self.rank0 and apart:  # one Ray (a local one for an in-process trainer) for every actor placed apart
             self.own_ray = ensure_ray(apart)
         # The engine starts from the policy as it is now (its vocabulary padding, LoRA merged).
@@ -118,8 +118,8 @@ class Rollouts:
             # it arrived after the last step's check (during its checkpoint): the engine may be gone
             # already, and a generate call on a dead vLLM engine core waits forever
             raise self._stopped(signum, index, "before")
-        ahead = self.pending is not None and self.pending["index"] == index
-        before = self.pending["stream_before"] if ahead else self.stream.state_dict()
+        ahead = self._pending_for(index)
+        before = ahead["stream_before"] if ahead else self.stream.state_dict()
         try:
             return self._generate(index)
         except Exception:
@@ -147,10 +147,14 @@ class Rollouts:
             prompts.append(p)
         return prompts
 
+    def _pending_for(self, index: int) -> dict | None:
+        """The generation started for step `index` while the step before it trained, if any."""
+        return self.pending if self.pending is not None and self.pending["index"] == index else None
+
     def _generate(self, index: int):
         seed = self.job.cfg.train.seed
-        pending, self.pending = self.pending, None
-        if pending is not None and pending["index"] == index:  # started while the last step trained
+        pending, self.pending = self._pending_for(index), None
+        if pending is not None:  # started while the last step trained
             prompts = pending["prompts"]
             with self.phase("generate"):  # the part of it the trainer waits for
                 done = pending["handle"] if isinstance(pending["handle"], tuple) else self.engine.result(pending["handle"])
@@ -192,7 +196,7 @@ class Rollouts:
             "completion/length_mean": lens.mean().item(), "completion/length_max": lens.max().item(),
             "completion/truncated": truncated.float().mean().item(), "completion/trained": keep.float().mean().item(),
             "generated_tokens_per_s": lens.sum().item() / max(gen_s, 1e-9),
-            "rollout/off_policy_steps": float(pending is not None and pending["index"] == index),
+            "rollout/off_policy_steps": float(pending is not None),
         }
         for name, values in scored.per_fn.items():
             metrics[f"reward/{name}/mean"] = values.mean().item()

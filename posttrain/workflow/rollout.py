@@ -62,6 +62,10 @@ class EngineConfig(Strict):
     cpus: float = Field(1, gt=0, description="separate placement: CPUs reserved for the engine's actor")
     gpus: float = Field(0, ge=0, description="separate placement: GPUs reserved for the engine's actor")
 
+    def ray_resources(self) -> dict[str, float]:
+        """What its actor reserves (separate placement), for the job's Ray cluster."""
+        return {"CPU": self.cpus, "GPU": self.gpus} if self.placement == "separate" else {}
+
     @model_validator(mode="after")
     def _overlap_apart(self):
         if self.overlap and self.placement != "separate":
