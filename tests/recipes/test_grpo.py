@@ -223,8 +223,11 @@ def test_overlapped_rollouts_are_one_step_off_policy_and_resume_exactly(tiny_qwe
     import signal
 
     for name in ("ref", "stopped"):
+        # the length reward moves the policy every step (with only says_the / matches a step whose groups all
+        # score alike leaves it unchanged, and the next step's completions are then not behind it)
         job = grpo_job(tiny_qwen3, prompts, tmp_path / name, steps=5, compute={"checkpoint_every": 10},
-                       grpo={"rollout": {"engine": "hf", "placement": "separate", "overlap": True}})
+                       grpo={"rollout": {"engine": "hf", "placement": "separate", "overlap": True},
+                             "rewards": [{"fn": f"{HERE}:says_the"}, {"fn": f"{HERE}:length"}]})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
 
     def cli(name):
