@@ -49,8 +49,8 @@ class SampleStream:
                     raise no_chat_template(tokenizer, f"data.sources[{i}] ({s.path!r}, {key}: {s.format or cfg.format})")
         sources = [
             Source(s.path, seed=seed, rank=rank, world_size=world_size, shuffle=cfg.shuffle,
-                   window=cfg.shuffle_window, storage_options=cfg.storage_options, sample_by=s.sample_by)
-            for s in cfg.sources
+                   window=cfg.shuffle_window, storage_options=cfg.storage_options, sample_by=s.sample_by, index=i)
+            for i, s in enumerate(cfg.sources)
         ]
         self.mixer = Mixer(sources, [s.weight for s in cfg.sources], seed=seed, on_exhausted=cfg.on_exhausted, max_epochs=cfg.max_epochs)
         # per source: the config its records are encoded with (its format) and its transform

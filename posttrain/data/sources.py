@@ -75,8 +75,12 @@ class Source:
         window: int = 1024,
         storage_options: dict | None = None,
         sample_by: str = "line",
+        index: int = 0,
     ):
-        self.path, self.seed, self.rank, self.world = path, seed, rank, world_size
+        # `index` (its place in data.sources) and each file's place in the sorted listing seed its
+        # shuffles, never the files' location: the same job trains in the same order wherever its
+        # data is checked out or copied to
+        self.path, self.seed, self.rank, self.world, self.index = path, seed, rank, world_size, index
         self.shuffle, self.window_size, self.sample_by = shuffle, window, sample_by
         self.fs, self.files, self.kinds = self._expand(path, storage_options or {})
         self.cursor = Cursor(window_line=self._first_line(0))
@@ -130,7 +134,7 @@ class Source:
     def _epoch_files(self, epoch: int) -> list[str]:
         files = list(self.files)
         if self.shuffle:
-            random.Random(_seed(self.seed, "files", epoch)).shuffle(files)
+            random.Random(_seed(self.seed, "files", self.index, epoch)).shuffle(files)
         return files
 
     def _first_line(self, file: int, epoch: int = 0) -> int:
@@ -169,7 +173,7 @@ class Source:
         reader = self._reader_of(url)
         items, self._next_offset, self._next_line = with_retries(lambda: reader.read(c.window_offset, c.window_line, self.window_size), url)
         if self.shuffle:
-            random.Random(_seed(self.seed, "window", c.epoch, url, c.window_offset)).shuffle(items)
+            random.Random(_seed(self.seed, "window", self.index, c.epoch, self.files.index(url), c.window_offset)).shuffle(items)
         self._window = items
 
     # ------------------------------------------------------------------------------ iteration

@@ -54,6 +54,18 @@ def test_source_streams_globs_and_gzip_shards_and_resumes(tmp_path):
     assert sorted(e1 := drain(src)) == list(range(40)) and e1 != order  # reshuffled per epoch
 
 
+def test_shuffle_order_does_not_depend_on_where_the_data_is(tmp_path):
+    """The same files under two different folders shuffle the same way (a checkout or copy elsewhere
+    trains in the same order); another place in data.sources (`index`) shuffles differently."""
+    for d in ("here", "elsewhere/deeper"):
+        (tmp_path / d).mkdir(parents=True)
+        numbered(tmp_path / d, 30, "a.jsonl")
+        numbered(tmp_path / d, 20, "b.jsonl", start=30)
+    a, b = (drain(Source(str(tmp_path / d / "*.jsonl"), window=8, seed=5)) for d in ("here", "elsewhere/deeper"))
+    assert a == b and a != list(range(50))
+    assert drain(Source(str(tmp_path / "here" / "*.jsonl"), window=8, seed=5, index=1)) != a
+
+
 def test_zstd_source(tmp_path):
     zstd = pytest.importorskip("zstandard")
     data = "".join(json.dumps({"i": i}) + "\n" for i in range(12)).encode()
