@@ -129,8 +129,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments; `key=value` overrides may also follow the options (`run job.yaml --overwrite train.lr=1e-4`).
+    argparse alone stops taking positionals after an option, and its intermixed mode refuses subcommands."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     cfg = None
     import transformers
 

@@ -3,6 +3,7 @@
 import math
 import re
 
+import pytest
 import yaml
 
 from posttrain.cli import main
@@ -123,3 +124,14 @@ def test_preview_of_grpo_prompts(tiny_qwen3, tmp_path, capsys):
     assert "fields the rewards receive: answer='7'" in out and "then up to 16 generated" in out
     assert "6 read, 5 kept" in out and "overlong=1" in out and "48 tokens is a bad record" in out
     assert "steps per epoch: 3 (2 prompts x" in out
+
+
+def test_overrides_may_follow_the_options():
+    from posttrain.cli import _parse
+
+    args = _parse(["run", "job.yaml", "train.lr=1e-4", "--overwrite", "train.steps=3"])
+    assert args.overwrite and args.overrides == ["train.lr=1e-4", "train.steps=3"]
+    with pytest.raises(SystemExit):
+        _parse(["run", "job.yaml", "--overwrite", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        _parse(["generate", "model", "hello", "train.lr=1e-4"])  # a command without overrides
