@@ -11,8 +11,8 @@ preference pairs {prompt, chosen, rejected} for a task the SFT data never shows,
 
 The SFT model has never seen "even" or "odd", so it has no reason to prefer the right word: its
 preference is a coin flip tied to the words, not to the number, and as the held-out pairs are half
-even, half odd it picks the chosen side on about half of them (47.5% measured on runs/demo/hf;
-99.5% after examples/dpo_demo.yaml). The rule DPO has to teach (the last
+even, half odd it picks the chosen side on about half of them (49.0% measured on runs/demo/hf;
+100% after examples/dpo_demo.yaml). The rule DPO has to teach (the last
 digit decides) generalises: the held-out numbers never appear in the training pairs, so every
 held-out prompt is unseen (same phrasings, new numbers), and a held-out pair is only won by applying
 the rule. Prompts come as a string or as a message list (sometimes with a system prompt), answers
@@ -23,8 +23,9 @@ demo's four task families, 40 each, drawn with their own seed; scored by exact m
 
 grpo_prompts.jsonl / grpo_heldout.jsonl (GRPO, examples/grpo_demo.yaml; scored by
 examples/check_grpo.py): prompts {prompt, answer} asking for a sum of two digits in phrasings the SFT
-data never uses ("Compute the sum of 3 and 4."). The SFT model knows "Add 3 and 4." but answers the
-new phrasing correctly only about a quarter of the time (it often answers a capital or a spelling);
+data never uses ("What is 3 plus 4?", "How much is 6 plus 2?"; "plus" is not in the SFT data). The
+SFT model knows "Add 3 and 4." but answers the new phrasings correctly only 6-20% of the time (it
+often answers a garbled sum, a capital or a spelling);
 the reward (examples/rewards.py) checks the last integer of the completion. The 100 digit pairs are
 split once: the 30 held-out pairs never appear in the training prompts.
 
@@ -105,7 +106,7 @@ def parity_split(seed, n_heldout):
     return sorted(set(range(1000)) - set(held)), held
 
 
-SUM_PROMPTS = ["Compute the sum of {a} and {b}.", "What is the sum of {a} and {b}?"]
+SUM_PROMPTS = ["What is {a} plus {b}?", "How much is {a} plus {b}?"]
 
 
 def sum_prompts(pairs):
