@@ -156,7 +156,7 @@ class VLLMEngine:
         sp = SamplingParams(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
             max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids(self.tokenizer, self.eos, sampling.stop), seed=seed, logprobs=0,
-            allowed_token_ids=self.allowed,
+            allowed_token_ids=self.allowed, detokenize=False,  # completions are read as ids, never as vLLM's text
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
         return [[Completion(list(c.token_ids), [c.logprobs[j][t].logprob for j, t in enumerate(c.token_ids)],
