@@ -8,7 +8,7 @@ process under `torch.profiler` for `--steps` steps after `--warmup` steps, and p
    / head + loss, backward, optimizer (clip, AdamW, schedule, zero_grad), collectives, and "other"
    (the step's remaining wall time: Python, metrics, logging, allocator).
 2. Self CPU time by kind of op over the profiled steps: matrix multiplies, attention kernels,
-   elementwise, index/gather/scatter, copies and allocation, optimizer (foreach) ops, the rest.
+   elementwise, index/gather/scatter, copies and allocation, optimizer (foreach or fused) ops, the rest.
 
 The ranges are added by wrapping the engine's methods and module hooks from outside, here, so the
 library carries no profiling code; torch.profiler's own overhead inflates "other" a little.
@@ -62,7 +62,7 @@ PHASES = ["data wait", "forward: attention", "forward: MLP", "forward: rest of d
 OPS = [
     ("matrix multiplies", r"^aten::(mm|addmm|bmm|matmul|linear|_addmm_activation)$"),
     ("attention kernels", r"scaled_dot_product|flash_attention|_efficient_attention"),
-    ("optimizer (foreach)", r"^aten::_foreach_|^aten::_fused_adam"),
+    ("optimizer (foreach or fused)", r"^aten::_foreach_|^aten::_fused_adam"),
     ("index / gather / scatter", r"^aten::(index|index_select|gather|scatter|scatter_add_|index_put_|index_add_|_index_put_impl_|"
                                  r"masked_select|masked_fill_?|nonzero|where|take|embedding.*|repeat_interleave)$"),
     ("copies / allocation", r"^aten::(copy_|to|_to_copy|contiguous|clone|empty|empty_strided|zeros|zeros_like|ones|full|fill_|"
