@@ -120,9 +120,9 @@ def write_jsonl(path, records):
     print(f"wrote {len(records)} records to {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-def main(n=2000, seed=0, n_pairs=800, n_heldout=200):
+def main(n=2000, seed=0, n_pairs=800, n_heldout=200, data=None):
     rng = random.Random(seed)
-    data = Path(__file__).parent / "data"
+    data = Path(data) if data is not None else Path(__file__).parent / "data"
     out = data / "demo_chat.jsonl"
     out.parent.mkdir(exist_ok=True)
     with open(out, "w") as f:
