@@ -93,8 +93,8 @@ def _plans(position_ids: torch.Tensor) -> list:
 
 class _Gather(torch.autograd.Function):
     """`t[:, idx]` whose backward adds with `index_add_`. Advanced indexing's own backward is an
-    accumulating `index_put_`, which on CPU took ~2.3 ms per call here against ~0.35 ms (12 calls per
-    step of the demo model: ~6% of a step). The sums are the same: the only repeated indices are the
+    accumulating `index_put_`, which on CPU took ~2.3 ms per call under the profiler against ~0.3 ms
+    (12 calls per step of the demo model; -1.5% per step in an A/B). The sums are the same: the only repeated indices are the
     padding slots past a document's end, whose gradient is exactly zero (their outputs are dropped and
     every real query is causally before them)."""
 
