@@ -24,6 +24,9 @@ from typing import Callable
 
 import torch
 
+from ..model.hf import decoder_layers
+from ..model.tail import eligible, last_layer
+
 
 def backend_problem(device: torch.device) -> str | None:
     """Why torch.compile's default backend (inductor) cannot build code on `device`, or None. A tiny
@@ -50,8 +53,15 @@ def usable(device: torch.device, say: Callable[[str], None]) -> bool:
     return problem is None
 
 
-def compile_layers(layers: list[torch.nn.Module], say: Callable[[str], None]) -> None:
-    """Compile each layer in place (after `usable` said yes)."""
+def compile_layers(model: torch.nn.Module, say: Callable[[str], None]) -> None:
+    """Compile each decoder layer in place (after `usable` said yes). The last one stays eager where
+    losses run it at the target positions only (model/tail.py: a different forward per call, which the
+    compiler would re-trace as the number of targets changes)."""
+    layers = decoder_layers(model)
+    eager = last_layer(model) if eligible(model) else None
     for layer in layers:
-        layer.compile()
-    say(f"compute.compile: {len(layers)} decoder layers compiled (torch.compile, per layer; the first steps compile)")
+        if layer is not eager:
+            layer.compile()
+    done = len(layers) - (eager is not None)
+    say(f"compute.compile: {done} of {len(layers)} decoder layers compiled (torch.compile, per layer; the first steps compile)"
+        + ("; the last runs eager, at the target positions only" if eager is not None else ""))

@@ -174,7 +174,7 @@ def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool,
 
 def target_doc_index(batch: dict) -> torch.LongTensor:
     """For every loss target, in the order `labels[:, 1:] != -100` selects them (row-major, as
-    `posttrain.model.loss.select_targets`), the index into `batch["doc_lens"]` of its document.
+    `posttrain.model.loss.target_hidden`), the index into `batch["doc_lens"]` of its document.
 
     Packed batches (no attention_mask): one row, the documents end to end, then a padding tail.
     Padded batches: row i is document i. Per-document sums of per-token values:

@@ -5,7 +5,8 @@ Conventions (docs/mfu.md has the derivations):
   embedding lookup (a gather) and the optimizer are 0.
 - Decoder matmuls run on every *real* token (`sum(doc_lens)`; padding is waste, never counted); the
   LM head runs only on target positions (our loss selects them before the head) over the real
-  vocabulary.
+  vocabulary, and so do the last layer's output projection and MLP where the family allows it
+  (`tail_targets`, model/tail.py; its q/k/v projections and scores still count every token).
 - Attention scores are counted per document, causally: a query at position t (0-based) of a document
   sees min(t + 1, window) keys, and QK^T plus AV cost 2 * 2 * head_dim FLOPs per (query, key) pair
   and query head. For a document of L tokens without a window that is 2 * head_dim * heads * L(L+1)
@@ -45,6 +46,7 @@ import torch.utils.checkpoint
 
 from .families import ATTENTION, EXPERT_PARAMS, MLP
 from .hf import unwrap
+from .tail import PLAIN, eligible
 
 # ------------------------------------------------------------------------------------ architecture
 ATTN_IN = ATTENTION[:3]  # q, k, v: the module names of the verified families (model/families.py)
@@ -167,6 +169,7 @@ class FlopCounter:
     grad_checkpointing: bool = False
     head_recompute: bool = False  # head under per-chunk checkpointing (not the fused plain-Linear CE)
     recompute_early_stop: bool = True  # torch non-reentrant checkpoint stops at the last saved tensor
+    tail_targets: bool = False  # the last layer's o_proj and MLP run on target positions only (model/tail.py)
     _per_layer: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -180,12 +183,16 @@ class FlopCounter:
     @classmethod
     def from_config(
         cls, config, *, vocab_size: int | None = None, lora: LoraSpec | None = None, grad_checkpointing: bool = False,
-        input_grads: bool | None = None,
+        input_grads: bool | None = None, tail_targets: bool | None = None,
     ) -> "FlopCounter":
-        """`input_grads` (LoRA only): None = what peft does, i.e. forced on with gradient checkpointing."""
+        """`input_grads` (LoRA only): None = what peft does, i.e. forced on with gradient checkpointing.
+        `tail_targets`: None = where the losses prune the last layer (model/tail.py: its families, no
+        checkpointing)."""
         arch = Arch.from_config(config, vocab_size)
+        if tail_targets is None:
+            tail_targets = not grad_checkpointing and getattr(config.get_text_config(), "model_type", None) in PLAIN
         if lora is None:
-            return cls(arch, [{} for _ in range(arch.layers)], grad_checkpointing=grad_checkpointing)
+            return cls(arch, [{} for _ in range(arch.layers)], grad_checkpointing=grad_checkpointing, tail_targets=tail_targets)
         names = lora.names()
         adapters = []
         for i in range(arch.layers):
@@ -197,6 +204,7 @@ class FlopCounter:
         return cls(
             arch, adapters, head_rank=head, train_base=False, grad_checkpointing=grad_checkpointing,
             input_grads=grad_checkpointing if input_grads is None else input_grads, head_recompute=bool(head),
+            tail_targets=tail_targets,
         )
 
     @classmethod
@@ -238,6 +246,7 @@ class FlopCounter:
             input_grads=_forces_input_grads(emb),
             grad_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
             head_recompute=type(base.get_output_embeddings()) is not torch.nn.Linear,
+            tail_targets=eligible(model),
             recompute_early_stop=getattr(torch.utils.checkpoint, "_enable_checkpoint_early_stop", None) is not False,
         )
 
@@ -253,6 +262,7 @@ class FlopCounter:
         lin_f = lin_b = ad_f = ad_b = 0.0
         ad_batch_f = 0.0  # expert-parameter LoRA: per micro-batch, not per token
         skip_lin = skip_ad = 0.0  # the layer's trailing matmul, never recomputed (checkpoint early stop)
+        after = [0.0, 0.0, 0.0, 0.0]  # lin_f, lin_b, ad_f, ad_b of the matmuls after attention (see tail_targets)
         for group, name, d_in, d_out, rows in a.layer_matmuls(i):
             if group == "attn_out":
                 req[group] = out["attn_in"]
@@ -264,12 +274,15 @@ class FlopCounter:
             f = 2.0 * d_in * d_out * rows
             r = ad.get(name, 0)
             expert_lora = bool(r) and name in EXPERT_PARAMS
-            lin_f += f
-            lin_b += (f if need_dx else 0.0) + (f if (self.train_base or expert_lora) else 0.0)
+            b = (f if need_dx else 0.0) + (f if (self.train_base or expert_lora) else 0.0)
+            af = abk = 0.0
             if r and not expert_lora:
-                ad_f += 2.0 * r * (d_in + d_out) * rows
+                af = 2.0 * r * (d_in + d_out) * rows
                 # B: weight grad + input grad (2 r d_out each); A: weight grad, and input grad if needed
-                ad_b += (4.0 * r * d_out + 2.0 * r * d_in + (2.0 * r * d_in if need_dx else 0.0)) * rows
+                abk = (4.0 * r * d_out + 2.0 * r * d_in + (2.0 * r * d_in if need_dx else 0.0)) * rows
+            lin_f, lin_b, ad_f, ad_b = lin_f + f, lin_b + b, ad_f + af, ad_b + abk
+            if group != "attn_in":
+                after = [after[0] + f, after[1] + b, after[2] + af, after[3] + abk]
             if expert_lora:
                 ad_batch_f += 2.0 * r * a.expert_numel(name)
             out[group] = out.get(group, False) or need_dx or bool(r) or self.train_base
@@ -288,7 +301,7 @@ class FlopCounter:
         out_req = x_req or out.get("attn_out", False) or out.get("mlp_out", False)
         return {
             "lin_f": lin_f, "lin_b": lin_b, "ad_f": ad_f, "ad_b": ad_b, "ad_batch_f": ad_batch_f,
-            "skip_lin": skip_lin, "skip_ad": skip_ad, "score_bwd": score_bwd, "out_req": out_req,
+            "skip_lin": skip_lin, "skip_ad": skip_ad, "score_bwd": score_bwd, "out_req": out_req, "after": after,
         }
 
     # ------------------------------------------------------------------------------ per step
@@ -309,13 +322,16 @@ class FlopCounter:
             w: float(sum(causal_pairs(s + n, w) - causal_pairs(s, w) for n, s in docs)) for w in set(a.windows)}
         per_pair = 4.0 * a.head_dim * a.heads  # QK^T and AV, 2 FLOPs per multiply-add each
         parts = {p: {"forward": 0.0, "backward": 0.0, "extra": 0.0} for p in ("layers", "attention", "adapters", "head")}
+        n = float(n_target_tokens)
         for i, L in enumerate(self._per_layer):
             s_f = per_pair * pairs[a.windows[i]]
             fold = mb * L["ad_batch_f"]
+            # the last layer's matmuls after attention at the target positions only (tail_targets)
+            less = [(tokens - n) * x for x in L["after"]] if self.tail_targets and i == a.layers - 1 else [0.0] * 4
             vals = {
-                "layers": (tokens * L["lin_f"], tokens * L["lin_b"]),
+                "layers": (tokens * L["lin_f"] - less[0], tokens * L["lin_b"] - less[1]),
                 "attention": (s_f, 2.0 * s_f if L["score_bwd"] else 0.0),
-                "adapters": (tokens * L["ad_f"] + fold, tokens * L["ad_b"] + 2.0 * fold),
+                "adapters": (tokens * L["ad_f"] + fold - less[2], tokens * L["ad_b"] + 2.0 * fold - less[3]),
             }
             for p, (f, b) in vals.items():
                 parts[p]["forward"] += f
@@ -326,7 +342,7 @@ class FlopCounter:
                 parts["layers"]["extra"] += vals["layers"][0] - (tokens * L["skip_lin"] if early else 0.0)
                 parts["attention"]["extra"] += s_f
                 parts["adapters"]["extra"] += vals["adapters"][0] - (tokens * L["skip_ad"] if early else 0.0) + fold
-        n, H, V, r = float(n_target_tokens), a.hidden, a.vocab, self.head_rank
+        H, V, r = a.hidden, a.vocab, self.head_rank
         hf = 2.0 * n * H * V
         parts["head"]["forward"] = hf
         parts["head"]["backward"] = (hf if self._tail_grad else 0.0) + (hf if self.train_head else 0.0)

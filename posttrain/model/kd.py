@@ -5,7 +5,7 @@
     loss = (out.kd_sum * lam + out.ce_sum * (1 - lam)) / n_step_targets   # any linear combination
     loss.backward()
 
-Inputs are *hidden states at the selected positions* (`select_targets` in loss.py), not logits: the
+Inputs are *hidden states at the selected positions* (`target_hidden` in loss.py), not logits: the
 student's [N, H] (the decoder's last_hidden_state, after the final norm; with grad) and the teacher's
 [N, H_t] at the same positions (no grad; the teacher may have another hidden size and depth, but must
 share the tokenizer). Both output heads are applied here through `head_logits`, so soft-capping,
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .hf import unwrap
-from .loss import _chunk, _real_vocab, _softcap, head_logits, hidden_states, select_targets
+from .loss import _chunk, _real_vocab, _softcap, head_logits, target_hidden
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -287,7 +287,7 @@ def kd_loss(
     """Distillation loss between a student and a teacher on N selected positions, chunked.
 
     `s_hidden` [N, H]: the student's final hidden states (after the final norm) at the positions that
-    predict a target (see `select_targets`); gradients flow into them and into the student head's
+    predict a target (see `target_hidden`); gradients flow into them and into the student head's
     trainable parameters (tied embeddings and LoRA included). `t_hidden` [N, H_t]: the teacher's at
     the same positions (treated as constants). `vocab_size`: the real vocabulary (len(tokenizer));
     head rows at and beyond it are padding and are cut from both models' logits; without it both heads
@@ -338,7 +338,7 @@ def kd_loss(
 # ------------------------------------------------------------------------------------- on a batch
 def selected_hidden(model: torch.nn.Module, batch: dict, vocab_size: int | None = None) -> torch.Tensor:
     """A model's final hidden states [N, H] at the batch's target positions (a teacher's side)."""
-    return select_targets(batch, hidden_states(model, batch), vocab_size)[0]
+    return target_hidden(model, batch, vocab_size)[0]
 
 
 def batch_kd_loss(student: torch.nn.Module, batch: dict, teacher: torch.nn.Module, t_hidden: torch.Tensor, *,
@@ -346,5 +346,5 @@ def batch_kd_loss(student: torch.nn.Module, batch: dict, teacher: torch.nn.Modul
     """`kd_loss` on a (packed) batch: the student's decoder, its hidden states at the target
     positions, and the teacher's at the same positions (`selected_hidden`); `with_ce`: also the
     hard-label CE sum on the batch's labels. `kd`: divergence, beta, temperature, top_k, chunk_tokens."""
-    s_hidden, targets = select_targets(batch, hidden_states(student, batch), vocab_size)
+    s_hidden, targets = target_hidden(student, batch, vocab_size)
     return kd_loss(student, s_hidden, teacher, t_hidden, vocab_size=vocab_size, targets=targets if with_ce else None, **kd)

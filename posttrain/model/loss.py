@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .hf import unwrap
+from .tail import only_targets
 
 IGNORE = -100
 # auto chunk size: about this many bytes of fp32 logits per chunk
@@ -70,14 +71,36 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return decoder_outputs(model, batch).last_hidden_state
 
 
-def select_targets(batch: dict, hidden: torch.Tensor, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states [N, H] of the positions that predict a target, and those targets [N]."""
+def _targets(batch: dict, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sel [B, T - 1]: the positions that predict a target, the targets [N])."""
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE
     targets = labels[sel]
     if vocab_size is not None and targets.numel() and int(targets.max()) >= vocab_size:
         raise ValueError(f"a label id >= the real vocabulary size {vocab_size}: padded rows are never targets")
+    return sel, targets
+
+
+def select_targets(batch: dict, hidden: torch.Tensor, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N, H] of the positions that predict a target, and those targets [N]."""
+    sel, targets = _targets(batch, vocab_size)
     return hidden[:, :-1][sel], targets
+
+
+def target_outputs(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, router_logits: bool = False):
+    """The decoder run for a loss: (its output, final hidden states [N, H] at the positions that predict a
+    target, those targets [N]). Where the family allows, the last layer's output projection and MLP
+    run at those positions only (model/tail.py)."""
+    sel, targets = _targets(batch, vocab_size)
+    with only_targets(model, sel) as pruned:
+        out = decoder_outputs(model, batch, router_logits=router_logits)
+    h = out.last_hidden_state
+    return out, (h[0] if pruned else h[:, :-1][sel]), targets
+
+
+def target_hidden(model: torch.nn.Module, batch: dict, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states [N, H] at the positions that predict a target, and those targets [N]."""
+    return target_outputs(model, batch, vocab_size)[1:]
 
 
 # ------------------------------------------------------------------------------------- the head
@@ -231,7 +254,7 @@ def token_logprobs(
 def batch_logprobs(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target-token log-probs of a batch (decoder -> select label != -100 -> chunked head), and
     the boolean [B, T-1] mask telling where they sit."""
-    hidden, targets = select_targets(batch, hidden_states(model, batch), vocab_size)
+    hidden, targets = target_hidden(model, batch, vocab_size)
     return token_logprobs(model, hidden, targets, vocab_size, chunk_tokens=chunk_tokens), batch["labels"][:, 1:] != IGNORE
 
 
@@ -315,8 +338,7 @@ class LossParts:
 
 def lm_loss(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, chunk_tokens: int | None = None) -> LossParts:
     aux_on, _ = router_aux_settings(model)
-    out = decoder_outputs(model, batch, router_logits=aux_on)
-    hidden, targets = select_targets(batch, out.last_hidden_state, vocab_size)
+    out, hidden, targets = target_outputs(model, batch, vocab_size, router_logits=aux_on)
     ce = chunked_ce_sum(model, hidden, targets, vocab_size, chunk_tokens=chunk_tokens)
     aux = None
     if aux_on and getattr(out, "router_logits", None):

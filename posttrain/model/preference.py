@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.packing import target_doc_index
-from .loss import count_targets, hidden_states, select_targets, token_logprobs
+from .loss import count_targets, target_hidden, token_logprobs
 
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 
@@ -34,7 +34,7 @@ class PairLogps:
 def document_logps(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token log-probs, number of target tokens) per document of the batch, fp32."""
-    hidden, targets = select_targets(batch, hidden_states(model, batch), vocab_size)
+    hidden, targets = target_hidden(model, batch, vocab_size)
     lp = token_logprobs(model, hidden, targets, vocab_size, chunk_tokens=chunk_tokens)
     return per_document(batch, lp)
 

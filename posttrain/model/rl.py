@@ -1,6 +1,6 @@
 """GRPO-family policy-gradient math as pure functions (formulas: docs/recipes.md, "GRPO").
 
-Per-token tensors are flat over a batch's loss targets in the order `select_targets` picks them
+Per-token tensors are flat over a batch's loss targets in the order `target_hidden` picks them
 ([N]); `doc` [N] gives each token's completion (an index into the batch's documents) and per-sequence
 tensors are [D]. Nothing here knows about models, ranks or micro-batches: `aggregate` takes the
 *global* normalisers (over every micro-batch and worker of the update), so summing its results over
@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .loss import chunked_apply, hidden_states, select_targets
+from .loss import chunked_apply, target_hidden
 
 Scale = Literal["group", "batch", "none"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
@@ -127,7 +127,7 @@ def completion_logps(model: torch.nn.Module, batch: dict, vocab_size: int | None
     """log-probs [N] of the batch's targets (the completion tokens) under softmax(logits / T), the
     distribution the rollout engine sampled from, over the real vocabulary; and with `entropy`, the
     entropy [N] of that distribution at each position. Chunked head, fp32."""
-    hidden, targets = select_targets(batch, hidden_states(model, batch), vocab_size)
+    hidden, targets = target_hidden(model, batch, vocab_size)
     t = float(temperature) if temperature and temperature > 0 else 1.0
 
     def rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

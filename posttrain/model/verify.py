@@ -29,7 +29,7 @@ from ..config import LoraConfig, ModelConfig
 from .export import export_hf
 from .families import family_of
 from .load import load_model, unwrap
-from .loss import IGNORE, chunked_apply, hidden_states, select_targets, token_logprobs
+from .loss import IGNORE, chunked_apply, hidden_states, target_hidden, token_logprobs
 
 
 @dataclass
@@ -91,10 +91,12 @@ def pack(docs: list[torch.Tensor]) -> dict:
 
 
 def _our_outputs(model, batch, vocab, chunk):
-    """(logits [T, V], log-probs of the targets [N]) through the training path."""
+    """(logits [T, V] of every position, log-probs of the targets [N]) through the training path (the
+    targets' through `target_hidden`, as the losses run: the last layer at the target positions only
+    where the family allows, model/tail.py)."""
     h = hidden_states(model, batch)
     logits = chunked_apply(model, h[0], lambda x: x, vocab_size=vocab, chunk_tokens=chunk, cat=True)
-    hs, t = select_targets(batch, h, vocab)
+    hs, t = target_hidden(model, batch, vocab)
     return logits, token_logprobs(model, hs, t, vocab, chunk_tokens=chunk)
 
 

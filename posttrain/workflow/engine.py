@@ -238,7 +238,7 @@ class Engine:
         self.mfu_unreliable = False  # see _plausible_peak
         self.compiled = cfg.compute.compile and compile_usable(self.device, self.say)  # probed once per run
         if self.compiled:
-            compile_layers(decoder_layers(self.model), self.say)
+            compile_layers(self.model, self.say)
         self.root = self._shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: DTensors
         self.opt = build_optimizer(self.model, cfg.train)
@@ -332,7 +332,7 @@ class Engine:
             if self.share_prefix:  # every model that reads the rows must read branches
                 self.share_prefix = self._prefix_sharing(model, "the reference copy" if source == "copy" else source)
             if self.compiled:
-                compile_layers(decoder_layers(model), self.say)
+                compile_layers(model, self.say)
             fz = Frozen(self, model, root=self._shard(model))
             fz.counter = FlopCounter.from_model(model, vocab_size=self.vocab)
         self.frozen_models.append(fz)

@@ -85,7 +85,7 @@ def no_scores(parts):
 
 # --------------------------------------------------------------------------- hand calculations
 def test_dense_by_hand():
-    c = FlopCounter.from_config(qwen3())
+    c = FlopCounter.from_config(qwen3(), tail_targets=False)  # every layer on every token (see below)
     # per token and layer (hidden 64, 4 query heads and 2 kv heads of 16, gated MLP of width 96):
     q, k, v, o = 2 * 64 * 64, 2 * 64 * 32, 2 * 64 * 32, 2 * 64 * 64  # 8192 + 4096 + 4096 + 8192 = 24576
     mlp = 3 * 2 * 64 * 96  # gate, up, down = 36864
@@ -113,6 +113,11 @@ def test_dense_by_hand():
     assert c.step_flops([16], 14)["model"] - f["model"] == 3 * 2 * (136 - 76) * 256
     # padding is not a document: it never enters doc_lens, so it never counts
     assert c.forward_flops_per_token() == per_token + 2 * 64 * 128
+    # the losses' default on Qwen3 (model/tail.py): the last layer's o_proj and MLP on the 14 target
+    # positions only, i.e. 2 tokens x (o + mlp) less, forward and twice that backward
+    t = FlopCounter.from_config(qwen3())
+    assert t.tail_targets and not FlopCounter.from_config(qwen3(), grad_checkpointing=True).tail_targets
+    assert t.step_flops([10, 6], 14)["model"] == f["model"] - 3 * 2 * (o + mlp) == 6432768
 
 
 def test_head_dim_absent_and_real_vocab():
@@ -145,7 +150,7 @@ def test_lora_by_hand():
     backward is the input gradient only (1 x forward), and layer 0's q/k/v get none at all (their
     input, the frozen embeddings, needs no gradient); the adapters cost their own small matmuls."""
     cfg = LlamaConfig(num_hidden_layers=2, **DIMS)
-    c = FlopCounter.from_config(cfg, lora=LoraSpec(rank=8, targets=("q_proj", "v_proj")))
+    c = FlopCounter.from_config(cfg, lora=LoraSpec(rank=8, targets=("q_proj", "v_proj")), tail_targets=False)
     assert c.adapters == [{"q_proj": 8, "v_proj": 8}] * 2 and not c.input_grads
     T, N = 16, 14
     base = 2 * 64 * (64 + 32 + 32 + 64) + 3 * 2 * 64 * 96  # 24576 + 36864 = 61440 per layer and token
@@ -169,7 +174,7 @@ def test_lora_by_hand():
     assert gp["layers"]["backward"] == T * 2 * base
     assert gp["layers"]["extra"] == T * 2 * (base - 2 * 96 * 64) and gp["head"]["extra"] == 0  # minus down_proj
     # full fine-tuning of the same model costs more: weight gradients of every base matmul
-    full = FlopCounter.from_config(cfg).step_flops([10, 6], N)["model"]
+    full = FlopCounter.from_config(cfg, tail_targets=False).step_flops([10, 6], N)["model"]
     lora = c.step_flops([10, 6], N)["model"]
     assert lora < full
     assert full - lora == T * (2 * base + qkv) + head - T * (2 * ad_fwd + ad_bwd_l0 + ad_bwd_l1)
