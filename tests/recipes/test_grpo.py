@@ -154,7 +154,8 @@ def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, p
     pytest.importorskip("vllm")
     job = grpo_job(tiny_qwen3_h32, prompts, tmp_path / "v", steps=2,
                    model={"lora": {"rank": 4, "alpha": 8}},
-                   grpo={"rollout": {"engine": "vllm", "placement": "separate"}, "beta": 0.05, "ppo_epochs": 2, "minibatches": 2, "loss_aggregation": "seq_mean_token_mean",
+                   grpo={"rollout": {"engine": "vllm", "placement": "separate"}, "beta": 0.05, "ppo_epochs": 2, "minibatches": 2,
+                         "loss_aggregation": "seq_mean_token_mean",
                          "clip_high": 0.28, "entropy_coef": 0.01})
     run_job(JobConfig.model_validate(job))
     m = metrics(tmp_path / "v")
