@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..model.hf import decoder_layers
-from ..model.tail import eligible, last_layer
+from ..model.tail import pruned_layer
 
 
 def backend_problem(device: torch.device) -> str | None:
@@ -58,7 +58,7 @@ def compile_layers(model: torch.nn.Module, say: Callable[[str], None]) -> None:
     losses run it at the target positions only (model/tail.py: a different forward per call, which the
     compiler would re-trace as the number of targets changes)."""
     layers = decoder_layers(model)
-    eager = last_layer(model) if eligible(model) else None
+    eager = pruned_layer(model)
     for layer in layers:
         if layer is not eager:
             layer.compile()

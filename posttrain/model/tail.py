@@ -41,22 +41,23 @@ PLAIN = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2"
 _ROWS = "_posttrain_target_rows"
 
 
-def last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+def pruned_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder's last layer if `only_targets` runs it at the target positions only, else None."""
     layers = getattr(unwrap(model).get_decoder(), "layers", None)
-    return layers[-1] if layers is not None and len(layers) else None
+    layer = layers[-1] if layers is not None and len(layers) else None
+    if layer is None or getattr(layer, "gradient_checkpointing", False):
+        return None
+    mine = layer.__dict__.get("forward")
+    if mine is not None and getattr(mine, "__func__", None) is not _forward:  # someone else's per-instance forward
+        return None
+    # transformers' class itself, not a subclass that changed forward (FSDP2's wrapper class keeps it)
+    plain = [c for c in type(layer).__mro__ if c.__name__ in PLAIN.values() and c.__module__.startswith("transformers.")]
+    return layer if plain and type(layer).forward is plain[0].forward else None
 
 
 def eligible(model: torch.nn.Module) -> bool:
     """Whether the last layer runs at the target positions only (in `only_targets`)."""
-    layer = last_layer(model)
-    if layer is None or getattr(layer, "gradient_checkpointing", False):
-        return False
-    mine = layer.__dict__.get("forward")
-    if mine is not None and getattr(mine, "__func__", None) is not _forward:  # someone else's per-instance forward
-        return False
-    # transformers' class itself, not a subclass that changed forward (FSDP2's wrapper class keeps it)
-    plain = [c for c in type(layer).__mro__ if c.__name__ in PLAIN.values() and c.__module__.startswith("transformers.")]
-    return bool(plain) and type(layer).forward is plain[0].forward
+    return pruned_layer(model) is not None
 
 
 def _forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
@@ -94,10 +95,10 @@ def rows_of(sel: torch.Tensor) -> torch.Tensor:
 def only_targets(model: torch.nn.Module, sel: torch.Tensor):
     """Within: a forward of `model`'s decoder returns the final hidden states at the target positions
     only, as [1, N, H] (yields True), where the family allows it (else yields False: the full [B, T, H])."""
-    if not eligible(model):
+    layer = pruned_layer(model)
+    if layer is None:
         yield False
         return
-    layer = last_layer(model)
     if "forward" not in layer.__dict__:  # installed once per layer instance, a no-op outside this context
         layer.forward = MethodType(_forward, layer)
     layer.__dict__[_ROWS] = rows_of(sel)
