@@ -94,6 +94,33 @@ def test_seeds_reproduce(vllm_engine, prompts):
     assert ids(a) == ids(b) and ids(a) != ids(c)
 
 
+@pytest.mark.slow
+def test_engine_actor_threads(padded_dir, tmp_path):
+    """Ray starts an actor with OMP_NUM_THREADS = its reserved CPUs (1). The engine's actor takes turns
+    with the trainer, so it uses every core of its node instead; with overlap (generating beside the
+    trainer) its reserved cpus; `threads` sets it."""
+    import os
+
+    import ray
+
+    from posttrain.workflow.rollout import RemoteEngine, ensure_ray
+
+    cores = len(os.sched_getaffinity(0))
+    assert EngineConfig(placement="separate", threads=3).actor_threads() == 3
+    own = ensure_ray(1)  # one local cluster for both engines
+    try:
+        for cfg, want in [(EngineConfig(engine="hf", placement="separate"), cores),
+                          (EngineConfig(engine="hf", placement="separate", overlap=True, cpus=1), 1)]:
+            engine = RemoteEngine(cfg, padded_dir, dtype=torch.float32, max_model_len=64, seed=0, scratch=tmp_path)
+            try:
+                assert ray.get(engine.actor.__ray_call__.remote(lambda actor: torch.get_num_threads())) == want
+            finally:
+                engine.close()
+    finally:
+        if own:
+            ray.shutdown()
+
+
 def test_weight_sync_full_and_lora(vllm_engine, padded_dir, tok, prompts):
     """Trainer weights change; before the sync the engine disagrees, after it its log-probs of its own
     samples equal the trainer's (max difference reported). Then a LoRA policy, merged for the engine."""
