@@ -177,6 +177,11 @@ class _RewardModelActor:
     """A reward model in its own Ray actor, loaded at start (a model that does not load fails then)."""
 
     def __init__(self, path: str, dtype: str, batch_size: int, key: str):
+        from .rollout import node_cores
+
+        # Ray started this actor with OMP_NUM_THREADS = its reserved cpus (1); it scores while the trainer
+        # waits for the step's rewards, so it may use every core (as the rollout engine's actor does)
+        torch.set_num_threads(node_cores())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = RewardModel(path, device=device, dtype=getattr(torch, dtype), batch_size=batch_size, key=key)
         self.model.load()

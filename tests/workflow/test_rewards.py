@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError
-from posttrain.workflow.rewards import RewardError, Rewards, RewardSpec
+from posttrain.workflow.rewards import RemoteRewardModel, RewardError, Rewards, RewardSpec
+from posttrain.workflow.rollout import node_cores
 
 CALLS = {}
 
@@ -141,6 +142,9 @@ def test_a_reward_model_placed_apart_scores_like_one_in_process(tiny_qwen3, tmp_
         a, b = here(prompts, completions, [[1]] * 3, {}), apart(prompts, completions, [[1]] * 3, {})
         assert ray.is_initialized() and torch.allclose(a.total, b.total, atol=1e-6)
         assert torch.allclose(a.per_fn["reward_model"], b.per_fn["reward_model"], atol=1e-6)
+        actor = next(fn for _, _, fn in apart.fns if isinstance(fn, RemoteRewardModel)).actor
+        # Ray starts it with OMP_NUM_THREADS = its 1 reserved cpu; it scores while the trainer waits
+        assert ray.get(actor.__ray_call__.remote(lambda _: torch.get_num_threads())) == node_cores()
         bad = Rewards([RewardSpec(model=str(tmp_path / "empty"), placement="separate")], key="grpo.rewards", on_error="zero")
         with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].model: cannot load a sequence-classification reward model"):
             bad(["p"], ["c"], [[1]], {})
