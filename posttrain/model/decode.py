@@ -9,6 +9,11 @@ order), over the real vocabulary only (padded embedding rows are never sampled),
 `torch.Generator` seeded per call (the global RNG is untouched). Each sampled token's log-prob is
 the log-softmax of that processed distribution.
 
+Rows that stopped leave the batch once a quarter of it has (their KV cache rows are copied out then,
+not at every stop), so a step computes only rows still generating; every row gets one uniform per step
+whatever the batch holds, so the rows that go on sample exactly what they would have. The demo's
+16 prompts x 8 (completions of ~8 tokens, a few run to 24): 159 instead of 189 ms per call.
+
 Attention: `ATTN`, SDPA with grouped-query heads passed to the kernel as they are. transformers'
 `sdpa` repeats every cached K/V head for a GQA model whenever there is a padding mask (needed for
 CUDA kernels), which on CPU is most of a decode step; on CPU this one lets the kernel broadcast
@@ -74,6 +79,11 @@ class PreallocLayer(DynamicLayer):
             self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
             self.keys, self.values = self.kbuf[:, :, : self.size], self.vbuf[:, :, : self.size]
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.keys, self.values = self.kbuf[:, :, : self.size], self.vbuf[:, :, : self.size]
+
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """HF's warpers, in generate's order: / temperature, top-k, top-p (filtered logits -> -inf)."""
@@ -103,6 +113,9 @@ class HFForward:
 
     def repeat(self, n: int) -> None:
         self.cache.batch_repeat_interleave(n)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
 
 
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -197,6 +210,10 @@ class FastForward:
         self.k = [t.repeat_interleave(n, 0) for t in self.k]
         self.v = [t.repeat_interleave(n, 0) for t in self.v]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
 
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, vocab: int, stops: list[int], pad: int,
@@ -222,6 +239,9 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     stop = torch.tensor(stops or [-1], device=device)
     toks = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     lps = torch.empty(B, max_new_tokens, dtype=torch.float32, device=device)
+    # `rows`: the rows still in the batch (a row that stopped is dropped once a quarter of the batch has:
+    # its KV cache rows are copied out then, so not at every stop)
+    rows = torch.arange(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = max_new_tokens
     for t in range(max_new_tokens):
@@ -233,22 +253,28 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
             logp = torch.log_softmax(process_logits(x, temperature, top_k, top_p), -1)
             # inverse CDF: one uniform per row (multinomial draws one exponential per vocabulary entry);
             # a zero-probability id is never the first cdf entry above u; u rounded up to the total
-            # (searchsorted past the end) takes the most likely id
+            # (searchsorted past the end) takes the most likely id. Drawn for all B rows every step, so a
+            # row gets the same draws whichever rows were dropped.
             probs = logp.exp()
             cdf = probs.cumsum(-1)
-            u = torch.rand(B, 1, device=device, generator=gen) * cdf[:, -1:]
+            u = torch.rand(B, 1, device=device, generator=gen)[rows] * cdf[:, -1:]
             tok = torch.searchsorted(cdf, u, right=True)
             tok = torch.where(tok < vocab, tok, probs.argmax(-1, keepdim=True))
-        toks[:, t : t + 1] = tok
-        lps[:, t : t + 1] = logp.gather(1, tok)
-        done |= torch.isin(tok[:, 0], stop)
+        toks[rows, t] = tok[:, 0]
+        lps[rows, t] = logp.gather(1, tok)[:, 0]
+        done[rows] |= torch.isin(tok[:, 0], stop)
         if t + 1 == max_new_tokens or bool(done.all()):
             steps = t + 1
             break
+        live = ~done[rows]
+        if 4 * int(live.sum()) <= 3 * len(rows):
+            keep = live.nonzero()[:, 0]
+            forward.keep(keep)
+            rows, tok, mask, pos = rows[keep], tok[keep], mask[keep], pos[keep]
         pos = pos + 1
         logits = forward(tok, mask[:, : width + t + 1], pos)
     out = []
-    stop_set = set(stops)
+    stop_set = set(stops)  # a dropped row's slots past its stop were never written: cut below
     for row, lp in zip(toks[:, :steps].tolist(), lps[:, :steps].tolist()):
         end = next((j + 1 for j, tk in enumerate(row) if tk in stop_set), None)
         out.append((row[:end], lp[:end], end is not None) if end is not None else (row, lp, False))

@@ -215,6 +215,28 @@ def test_hf_engine_greedy_equals_transformers_generate(family, padded_dir, tiny_
     assert got[1][0].finish == "stop" and got[1][0].ids[-1] == stop_tok and len(got[1][0].ids) <= 6
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_that_stop_leave_the_batch_without_changing_the_others(padded_dir, tok, prompts, fast):
+    """Once a quarter of the batch has stopped, those rows are dropped (their KV cache rows with them).
+    Every other row samples exactly what it samples when no row stops (the same draws: one uniform per
+    row and step whatever the batch holds); a stopped row is its free completion cut after the stop.
+    FastForward's buffers and the model's own cache (fast=False) alike."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model.decode import register_attention, sample
+
+    model = AutoModelForCausalLM.from_pretrained(padded_dir, dtype=torch.float32, attn_implementation=register_attention()).eval()
+    kw = dict(n=4, max_new_tokens=16, vocab=len(tok), pad=tok.pad_token_id, temperature=1.0, seed=3, fast=fast)
+    free = sample(model, prompts, stops=[], **kw)
+    stops = sorted({free[i][0][2] for i in range(0, len(free), 2)})  # every other row stops by its 3rd token
+    got = sample(model, prompts, stops=stops, **kw)
+    ends = [next((j + 1 for j, t in enumerate(ids) if t in stops), None) for ids, _, _ in free]
+    assert sum(e is not None and e < 12 for e in ends) >= len(free) // 4 and None in ends  # rows were dropped; some ran on
+    for (ids, lps, _), (gids, glps, stopped), end in zip(free, got, ends):
+        assert gids == ids[:end] and stopped == (end is not None)
+        assert glps == pytest.approx(lps[:end], abs=1e-5)
+
+
 def processed_logps(model, prompt, ids, vocab, temperature, top_k, top_p):
     """The trainer side: one full forward over prompt + completion, logits over the real vocabulary
     through transformers' own warpers (temperature, top-k, top-p, as `generate` applies them)."""
