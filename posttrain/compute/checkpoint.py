@@ -2,7 +2,8 @@
 
     <output_dir>/checkpoints/
         step_00000300/
-            model_optim/      torch.distributed.checkpoint (sharded on N ranks): trainable weights + AdamW
+            model_optim/      torch.distributed.checkpoint (sharded on N ranks): trainable weights + AdamW;
+                              with one process instead model_optim.flat + model_optim.idx (see below)
             rank_00000.pt     per rank: data-loader state (cursors, mixer, packer buffer), RNG states,
                               and the recipe's own registered states
             trainer.pt        LR scheduler (with the length its schedule spans: train.on_steps_change), step
@@ -25,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import io
 import json
+import math
+import mmap
 import os
 import random
 import shutil
@@ -41,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from .. import atomic
 from .distributed import all_reduce, all_reduce_many, rank_world
@@ -175,6 +180,7 @@ class PendingSave:
         self.rank, self.world = rank_world()
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.index: dict | None = None  # the flat file's index (one process), else None: DCP
 
     def start(self, model, optimizer, scheduler, data_state: dict, meta: dict, states: dict, *, background: bool) -> None:
         if self.rank == 0:
@@ -192,12 +198,16 @@ class PendingSave:
             self.trainer = io.BytesIO()
             torch.save({"scheduler": scheduler.state_dict(), "step": self.step}, self.trainer)
             self.meta = {"step": self.step, "world_size": self.world, "frozen_checksum": self.checksum, **meta}
-            if not background:
+            if self.world == 1 and flat_capable((msd, osd)):  # one process: one flat file, written with O_DIRECT
+                tensors, layout, objects, nbytes = _flat_layout((msd, osd))
+                self.index = {"format": 1, "tensors": layout, "objects": objects, "bytes": nbytes}  # written with the file
+                if not background:
+                    self._write(lambda: _write_flat(self.tmp / FLAT, tensors, layout, nbytes))
+                    return
+                write = functools.partial(_write_staged, self.tmp / FLAT, _stage(tensors, layout, nbytes), nbytes)
+            elif not background:
                 self._write(lambda: self._dcp_save(msd, osd))
                 return
-            if self.world == 1:  # stage (copy) the tensors now; write them with DCP in our thread
-                staged = torch.utils._pytree.tree_map(lambda x: x.detach().clone() if torch.is_tensor(x) else x, (msd, osd))
-                write = functools.partial(self._dcp_save, *staged)
             else:
                 with _single_process_quiet():  # DCP stages the tensors now, writes them in its thread (own gloo group)
                     write = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"),
@@ -216,6 +226,10 @@ class PendingSave:
     def _write(self, model_optim) -> None:
         try:
             model_optim()
+            if self.index is not None:
+                index = io.BytesIO()
+                torch.save(self.index, index)
+                _write_bytes(self.tmp / INDEX, index.getvalue())
             _write_bytes(self.tmp / f"rank_{self.rank:05d}.pt", self.own)
         except IO_ERRORS as e:
             self.error = e
@@ -253,6 +267,162 @@ class PendingSave:
                     shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return self.final
+
+
+# ------------------------------------------------------------------------- one process: a flat file
+# With one process (compute.workers: 1) the model and optimizer tensors go to one file, each at an
+# offset of its own, written from page-aligned memory with O_DIRECT where the filesystem allows it
+# (DCP stays the format of sharded saves, which it reshards on load). Why not DCP here: its
+# FileSystemWriter writes through the page cache, and the kernel's buffered write path costs CPU per
+# byte that training loses on busy cores: on this 2-core VM (ext4 on virtio) a buffered write of the
+# demo's 40 MiB took 135 ms of CPU, DCP's save 120-180 ms; the same bytes with O_DIRECT took 1-5 ms
+# of CPU and 18 ms of wall time. The index (names, dtypes, shapes, offsets, and the state dicts'
+# non-tensor values) is a small torch.save file beside it.
+FLAT, INDEX = "model_optim.flat", "model_optim.idx"
+_PAGE = 4096
+_CHUNK = 64 << 20  # a synchronous save streams through at most this much memory, whatever the state's size
+# [buffer, its mmap]: the page-aligned buffer of every save, reused while it is large enough (fresh memory
+# costs its page faults every save: 84 vs 30 ms for the demo's synchronous write). Saves never overlap:
+# a save first finishes the one in flight.
+_BUFFER: list = []
+
+
+def _aligned(nbytes: int) -> tuple[torch.Tensor, mmap.mmap]:
+    """Page-aligned memory (an anonymous mmap) as a uint8 tensor, `nbytes` rounded up to a page."""
+    mm = mmap.mmap(-1, max(_PAGE, -(-nbytes // _PAGE) * _PAGE))
+    return torch.frombuffer(mm, dtype=torch.uint8), mm
+
+
+def _flat_layout(tree) -> tuple[list, list[tuple], dict, int]:
+    """Tensor leaves, their (key, dtype, shape, offset, bytes) at 64-byte aligned offsets, the other
+    leaves by key, and the total length."""
+    tensors, layout, objects, end = [], [], {}, 0
+    for path, value in tree_flatten_with_path(tree)[0]:
+        key = keystr(path)
+        if torch.is_tensor(value):
+            n = value.numel() * value.element_size()
+            layout.append((key, str(value.dtype).removeprefix("torch."), tuple(value.shape), end, n))
+            tensors.append(value.detach())
+            end = -(-(end + n) // 64) * 64
+        else:
+            objects[key] = value
+    return tensors, layout, objects, end
+
+
+def flat_capable(tree) -> bool:
+    """Plain tensors only (a DTensor's shards are DCP's to write)."""
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(v, DTensor) for v in torch.utils._pytree.tree_leaves(tree))
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+
+class _Direct:
+    """A file written from page-aligned memory: O_DIRECT where the filesystem takes it (tmpfs and some
+    others refuse it: plain writes there), fsynced on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd, self.direct = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644), hasattr(os, "O_DIRECT")
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, flags, 0o644), False
+
+    def write(self, buf: torch.Tensor, nbytes: int) -> None:
+        """The first `nbytes` of `buf` (rounded up to a page: buf is page-aligned and at least that long)."""
+        view = memoryview(buf.numpy())[: -(-nbytes // _PAGE) * _PAGE]
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _buffer(nbytes: int) -> torch.Tensor:
+    """The shared page-aligned buffer, at least `nbytes` long."""
+    if not _BUFFER or _BUFFER[0].numel() < nbytes:
+        _BUFFER[:] = _aligned(nbytes)
+    return _BUFFER[0]
+
+
+def _stage(tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> torch.Tensor:
+    """Copy the tensors to their offsets in the shared buffer (a background save's staged state)."""
+    buf = _buffer(nbytes)
+    for t, (_, _, _, off, n) in zip(tensors, layout):
+        buf[off : off + n].copy_(_byte_view(t))
+    return buf
+
+
+def _write_staged(path: Path, buf: torch.Tensor, nbytes: int) -> None:
+    f = _Direct(path)
+    try:
+        f.write(buf, nbytes)
+    finally:
+        f.close()
+
+
+def _write_flat(path: Path, tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> None:
+    """Stream the tensors to their offsets through a bounce buffer of at most _CHUNK bytes."""
+    buf = _buffer(min(nbytes, _CHUNK))
+    buf = buf[: max(_PAGE, min(nbytes, _CHUNK) // _PAGE * _PAGE)]  # flushed whole: a multiple of a page
+    f, base = _Direct(path), 0  # base: the file offset of buf[0]
+    try:
+        for t, (_, _, _, off, n) in zip(tensors, layout):
+            src, done = _byte_view(t), 0
+            while done < n:
+                at = off + done - base
+                if at == buf.numel():
+                    f.write(buf, buf.numel())
+                    base, at = base + buf.numel(), 0
+                k = min(n - done, buf.numel() - at)
+                buf[at : at + k].copy_(src[done : done + k])
+                done += k
+        f.write(buf, nbytes - base)
+    finally:
+        f.close()
+
+
+def _read_flat(path: Path, tree):
+    """`tree` (the state dicts to load, as get_state_dict gives them) with every value from the flat
+    checkpoint in `path`: tensors copied in place, other values replaced."""
+    index = torch.load(path / INDEX, weights_only=False)
+    size = (path / FLAT).stat().st_size
+    if size < index["bytes"]:
+        raise EOFError(f"{path / FLAT}: {size} bytes where its index lists {index['bytes']} (truncated)")  # damaged: resume falls back
+    data = np.memmap(path / FLAT, dtype=np.uint8, mode="c")
+    where = {key: (dtype, shape, off) for key, dtype, shape, off, _ in index["tensors"]}
+    leaves, spec = tree_flatten_with_path(tree)
+    out = []
+    for p, value in leaves:
+        key = keystr(p)
+        if torch.is_tensor(value):
+            if key not in where:
+                raise CheckpointError(f"{path}: no tensor {key} in the checkpoint (a different model or optimizer?)")
+            dtype, shape, off = where[key]
+            if (dtype, tuple(shape)) != (str(value.dtype).removeprefix("torch."), tuple(value.shape)):
+                raise CheckpointError(f"{path}: {key} is {dtype} {list(shape)} in the checkpoint, {value.dtype} {list(value.shape)} here")
+            if value.numel():
+                value.copy_(torch.frombuffer(data, dtype=getattr(torch, dtype), count=math.prod(shape), offset=off).view(shape))
+            out.append(value)
+        else:
+            out.append(index["objects"].get(key, value))
+    return tree_unflatten(out, spec)
 
 
 def _state_bytes(*state_dicts) -> int:
@@ -360,10 +530,14 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         )
     _check_frozen(model, meta, path)
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-    state = {"model": msd, "optim": osd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path / "model_optim"), no_dist=world == 1)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTS)
+    if (path / INDEX).exists():
+        msd, osd = _read_flat(path, (msd, osd))
+    else:
+        state = {"model": msd, "optim": osd}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / "model_optim"), no_dist=world == 1)
+        msd, osd = state["model"], state["optim"]
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_OPTS)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
     mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
@@ -448,7 +622,10 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict:
     meta = read_meta(path)
     _check_frozen(model, meta, Path(path))
     state = {"model": get_model_state_dict(model, options=_OPTS)}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(Path(path) / "model_optim"), no_dist=True)
+    if (Path(path) / INDEX).exists():  # one process's flat file: the model's entries (the tuple's first)
+        state["model"] = _read_flat(Path(path), (state["model"],))[0]
+    else:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(Path(path) / "model_optim"), no_dist=True)
     set_model_state_dict(model, state["model"], options=_OPTS)
     return meta

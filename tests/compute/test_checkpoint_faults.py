@@ -55,7 +55,22 @@ def _text(err: str) -> str:
 
 # ------------------------------------------------------------------------------ disk full
 def _full_disk_at(step, monkeypatch, how):
-    """Make the save of `step` fail as a full disk does, after part of its files were written."""
+    """Make the save of `step` fail as a full disk does, after part of its files were written: the
+    one-process flat file (`how="flat"`, OSError ENOSPC from the write), or DCP's files (one process
+    made to write DCP as several do: "dcp" lands the shards, then ENOSPC; "zip" is torch's opaque
+    error from its zip writer)."""
+    if how == "flat":
+        real_flat = C._write_flat
+
+        def write_flat(path, tensors, layout, nbytes):
+            if f"{step:08d}" in str(path):
+                Path(path).write_bytes(b"\0" * 4096)  # part of it, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_flat(path, tensors, layout, nbytes)
+
+        monkeypatch.setattr(C, "_write_flat", write_flat)
+        return
+    monkeypatch.setattr(C, "flat_capable", lambda tree: False)
     real_dcp = C.dcp.save
 
     def dcp_save(state, checkpoint_id, **kw):
@@ -73,12 +88,13 @@ def _full_disk_at(step, monkeypatch, how):
         monkeypatch.setattr(C, "free_bytes", lambda path: 4096)
 
 
-def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(tiny_qwen3, data, tmp_path, monkeypatch, capsys, reference):
+@pytest.mark.parametrize("how", ["flat", "dcp"])
+def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(tiny_qwen3, data, tmp_path, monkeypatch, capsys, reference, how):
     import yaml
 
     out, job = tmp_path / "run", tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(_job(tiny_qwen3, data, out).model_dump(mode="json")))
-    _full_disk_at(2, monkeypatch, "dcp")
+    _full_disk_at(2, monkeypatch, how)
     assert main(["run", str(job)]) == 2
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
@@ -125,7 +141,7 @@ def test_another_save_error_is_raised_as_is_and_cleaned_up(tiny_qwen3, data, tmp
     def boom(*a, **k):
         raise ValueError("not a disk problem")
 
-    monkeypatch.setattr(C.dcp, "save", boom)
+    monkeypatch.setattr(C, "_write_flat", boom)
     with pytest.raises(ValueError, match="not a disk problem"):
         run_job(_job(tiny_qwen3, data, tmp_path / "run", steps=1))
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
@@ -140,8 +156,8 @@ def test_unreadable_checkpoints_fall_back_to_the_newest_readable_and_leftovers_a
     shutil.copytree(root / "step_00000003", root / "step_00000004")
     (root / "step_00000004" / "meta.json").write_text('{"step": 4, "world_')
     (root / "latest").write_text("step_00000004")
-    shard = next((root / "step_00000003" / "model_optim").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])
+    flat = root / "step_00000003" / C.FLAT
+    flat.write_bytes(flat.read_bytes()[:100])
     (root / "step_00000002" / "rank_00000.pt").unlink()
     # leftovers of a killed save and of killed atomic writes; a partial metrics line (kill or full disk)
     (root / ".step_00000005.tmp" / "model_optim").mkdir(parents=True)

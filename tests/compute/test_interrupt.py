@@ -84,14 +84,14 @@ def test_without_checkpoint_on_interrupt_the_run_stops_and_says_so(tiny_qwen3, d
 
 def test_a_second_signal_abandons_the_checkpoint_write_safely(tiny_qwen3, data, tmp_path, signal_at, monkeypatch):
     out = tmp_path / "run"
-    real = C.dcp.save
+    real = C._write_flat
 
-    def save_interrupted_again(state, checkpoint_id, **kw):
-        if "00000003" in checkpoint_id:  # the interrupt's checkpoint: Ctrl-C again while it is written
+    def save_interrupted_again(path, *a, **kw):
+        if "00000003" in str(path):  # the interrupt's checkpoint: Ctrl-C again while it is written
             os.kill(os.getpid(), signal.SIGINT)
-        return real(state, checkpoint_id=checkpoint_id, **kw)
+        return real(path, *a, **kw)
 
-    monkeypatch.setattr(C.dcp, "save", save_interrupted_again)
+    monkeypatch.setattr(C, "_write_flat", save_interrupted_again)
     signal_at(3, signal.SIGINT)
     with pytest.raises(Interrupted, match="^SIGINT again: stopped at once$"):
         run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out, checkpoint_every=2)))

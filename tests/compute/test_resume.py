@@ -74,7 +74,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_qwen3, data, tmp_path, m
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(C.dcp, "save", boom)
+    monkeypatch.setattr(C, "_write_flat", boom)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(OSError, match="disk full"):

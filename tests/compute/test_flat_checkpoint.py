@@ -1,0 +1,119 @@
+"""One process's checkpoint tensors in one flat file (model_optim.flat + model_optim.idx), written from
+page-aligned memory with O_DIRECT where the filesystem takes it, through a bounded bounce buffer
+(synchronous) or from the staged copy (background). Read back into the state dicts of the model and
+optimizer: every tensor bitwise, every other value as saved; a damaged file or a different model is
+an error, never a silent partial load."""
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import posttrain.compute.checkpoint as C
+
+
+def _tree():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(40, 30, generator=g)
+    return ({"w": torch.randn(300, 7, generator=g), "bf16": torch.randn(513, generator=g).to(torch.bfloat16),
+             "empty": torch.zeros(0, 5), "strided": wide[:, ::3]},  # not contiguous
+            {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(300, 7, generator=g)}},
+             "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": ["w"], "fused": None}]})
+
+
+def _blank(tree):
+    return torch.utils._pytree.tree_map(lambda x: torch.full_like(x, 7) if torch.is_tensor(x) else "blank", tree)
+
+
+def _save(path: Path, tree, *, staged: bool) -> None:
+    tensors, layout, objects, nbytes = C._flat_layout(tree)
+    path.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"format": 1, "tensors": layout, "objects": objects, "bytes": nbytes}, buf)
+    (path / C.INDEX).write_bytes(buf.getvalue())
+    if staged:
+        C._write_staged(path / C.FLAT, C._stage(tensors, layout, nbytes), nbytes)
+    else:
+        C._write_flat(path / C.FLAT, tensors, layout, nbytes)
+
+
+def _equal(a, b) -> bool:
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        (torch.is_tensor(x) and x.dtype == y.dtype and torch.equal(x, y)) or (not torch.is_tensor(x) and x == y) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("direct", ["taken", "refused at open", "refused at write"])
+@pytest.mark.parametrize("staged", [False, True])
+def test_flat_file_round_trip(tmp_path, monkeypatch, direct, staged):
+    """Bitwise round trip: fp32, bf16, an empty and a strided tensor, scalars and non-tensor values;
+    the synchronous writer with a 4 KiB bounce buffer (tensors span several flushes), the background
+    one from its staging buffer. A filesystem that refuses O_DIRECT (EINVAL at open or at the first
+    write, as some do) gets plain writes of the same bytes."""
+    import errno
+
+    monkeypatch.setattr(C, "_CHUNK", 4096)
+    real_open, real_write, calls = os.open, os.write, []
+
+    def fake_open(path, flags, *a):
+        if direct == "refused at open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    def fake_write(fd, data):
+        direct_now = bool(C.fcntl.fcntl(fd, C.fcntl.F_GETFL) & os.O_DIRECT)
+        calls.append(direct_now)
+        if direct == "refused at write" and direct_now:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(C.os, "open", fake_open)
+    monkeypatch.setattr(C.os, "write", fake_write)
+    tree = _tree()
+    _save(tmp_path / "ck", tree, staged=staged)
+    monkeypatch.undo()
+    assert (tmp_path / "ck" / C.FLAT).stat().st_size % 4096 == 0
+    assert _equal(C._read_flat(tmp_path / "ck", _blank(tree)), tree)
+    assert calls and (all(calls) if direct == "taken" else not any(calls[-1:]))
+
+
+def test_a_truncated_file_or_another_model_is_an_error(tmp_path):
+    tree = _tree()
+    _save(tmp_path / "ck", tree, staged=False)
+    other = _blank(tree)
+    other[0]["w"] = torch.zeros(301, 7)
+    with pytest.raises(C.CheckpointError, match=r"\['w'\] is float32 \[300, 7\] in the checkpoint, torch.float32 \[301, 7\] here"):
+        C._read_flat(tmp_path / "ck", other)
+    extra = _blank(tree)
+    extra[0]["new"] = torch.zeros(2)
+    with pytest.raises(C.CheckpointError, match=r"no tensor \[0\]\['new'\] in the checkpoint"):
+        C._read_flat(tmp_path / "ck", extra)
+    flat = tmp_path / "ck" / C.FLAT
+    flat.write_bytes(flat.read_bytes()[:1000])
+    with pytest.raises(EOFError, match="truncated"):  # damaged: resume falls back to an older checkpoint
+        C._read_flat(tmp_path / "ck", _blank(tree))
+
+
+def test_one_process_saves_a_flat_file_and_resumes_from_it(tmp_path):
+    """save_checkpoint / load_checkpoint in one process: the flat file in place of DCP's directory;
+    model and AdamW state restored bitwise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for _ in range(3):
+        model(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    path = C.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, data_state={"cursor": 7}, meta={})
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", C.FLAT, C.INDEX, "rank_00000.pt", "trainer.pt"]
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    got = C.load_checkpoint(path, model=fresh, optimizer=fresh_opt, scheduler=torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0))
+    assert got["step"] == 3 and got["data"] == {"cursor": 7}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    sa, sb = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
