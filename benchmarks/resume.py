@@ -5,10 +5,11 @@ full fine-tuning and LoRA, and reads the save times off metrics.jsonl: the wall 
 logs of steps k and k+1 minus step k+1's own time is the save after step k. Prints a table.
 
 Then synchronous against background saves (`compute.async_checkpoint`), where a save's cost is no
-longer a gap between two steps but the staging copy at the step plus whatever the writer thread
-takes from the steps that run beside it: the same job without checkpoints, with synchronous and
-with background ones every 5 steps, interleaved over `--repeats`, each run's wall time from its
-first to its last step log; overhead = median wall time / median wall time without checkpoints - 1.
+longer one gap between two steps but the staging at the step, the finish (rename, fsync) at the
+step after, and whatever the writer thread takes from the step that runs beside it: the job with a
+save every 5 steps, each mode run `--repeats` times, interleaved; each cost measured against its
+neighbours in the same run (`save_costs`): comparing wall times of separate runs measured the
+machine's drift (+-10% between runs) more than the saves.
 
     python benchmarks/resume.py            # ~6 minutes on 2 idle CPU cores
 """
@@ -55,21 +56,38 @@ def measure(tmp: Path, name: str, every: int, steps: int, lora: bool) -> dict:
     return {"step_s": step_s, "save_s": save_s, "overhead": save_s / (every * step_s), "mb": size / 2**20}
 
 
+def save_costs(rows: list[dict], every: int) -> dict:
+    """Within one run: what each save costs the training loop. The gap after a step (the wall time
+    between its log and the next one, minus the next step's own time) holds whatever the loop does
+    between steps: a save's staging and, for a background save, its finish (rename, fsync) at the
+    step after; the step after a save runs beside a background write. Each is compared with its
+    neighbours in the same run (the gap after other steps; the step just before the save), so the
+    machine's drift between runs cancels."""
+    gap = {p["step"]: (r["time"] - p["time"]) - r["step_time_s"] for p, r in zip(rows, rows[1:])}  # after step p
+    step = {r["step"]: r["step_time_s"] for r in rows}
+    saves = [s for s in step if s % every == 0 and s + 2 in step and s > every]  # the first save's neighbours are warm-up
+    other = statistics.mean(g for s, g in gap.items() if s > every and s % every not in (0, 1) and s + 1 in step)
+    main = statistics.mean(gap[s] + gap[s + 1] - 2 * other for s in saves)  # staging; then the finish
+    before = statistics.mean(step[s] for s in saves)  # the step trained just before the save
+    beside = statistics.mean(step[s + 1] - step[s] for s in saves)  # the step trained beside the write, against it
+    return {"step_s": before, "main_s": main, "beside_s": beside, "overhead": (main + beside) / (every * before), "n": len(saves)}
+
+
 def background_vs_sync(tmp: Path, repeats: int, steps: int) -> None:
-    modes = {"no checkpoints": (None, False), "every 5 steps, synchronous": (5, False), "every 5 steps, background": (5, True)}
-    walls: dict[str, list[float]] = {m: [] for m in modes}
+    modes = {"every 5 steps, synchronous": False, "every 5 steps, background": True}
+    costs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(repeats):
         order = list(modes)[rep % len(modes):] + list(modes)[:rep % len(modes)]
         for m in order:
-            every, background = modes[m]
-            rows = run(tmp, f"bg-{rep}-{list(modes).index(m)}", every, steps, background=background)
-            walls[m].append(rows[-1]["time"] - rows[0]["time"])
-    base = statistics.median(walls["no checkpoints"])
-    print(f"\nbackground vs synchronous saves: demo job, full fine-tuning, steps 2..{steps} timed, medians of {repeats}\n")
-    print("| checkpoints | wall time | overhead |\n|---|---|---|")
+            rows = run(tmp, f"bg-{rep}-{list(modes).index(m)}", 5, steps, background=modes[m])
+            costs[m].append(save_costs(rows, 5))
+    print(f"\nsynchronous vs background saves: demo job, full fine-tuning, {steps} steps, a save every 5; "
+          f"means over the saves after the first, medians of {repeats} runs\n")
+    print("| checkpoints | step | save's time in the training loop | step beside the write (vs the step before the save) | overhead |")
+    print("|---|---|---|---|---|")
     for m in modes:
-        w = statistics.median(walls[m])
-        print(f"| {m} | {w:.2f} s | {w / base - 1:+.1%} |")
+        med = {k: statistics.median(c[k] for c in costs[m]) for k in ("step_s", "main_s", "beside_s", "overhead")}
+        print(f"| {m} | {med['step_s'] * 1e3:.0f} ms | {med['main_s'] * 1e3:.1f} ms | {med['beside_s'] * 1e3:+.1f} ms | {med['overhead']:.1%} |")
 
 
 def main() -> None:
