@@ -208,6 +208,9 @@ class PendingSave:
             elif not background:
                 self._write(lambda: self._dcp_save(msd, osd))
                 return
+            elif self.world == 1:  # DTensors in one process: stage (copy) them now; DCP writes them in our thread
+                staged = torch.utils._pytree.tree_map(lambda x: x.detach().clone() if torch.is_tensor(x) else x, (msd, osd))
+                write = functools.partial(self._dcp_save, *staged)
             else:
                 with _single_process_quiet():  # DCP stages the tensors now, writes them in its thread (own gloo group)
                     write = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / "model_optim"),
@@ -325,7 +328,6 @@ class _Direct:
     others refuse it: plain writes there), fsynced on close."""
 
     def __init__(self, path: Path):
-        self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd, self.direct = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644), hasattr(os, "O_DIRECT")
@@ -347,7 +349,10 @@ class _Direct:
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
 
-    def close(self) -> None:
+    def __enter__(self) -> "_Direct":
+        return self
+
+    def __exit__(self, *exc) -> None:
         try:
             os.fsync(self.fd)
         finally:
@@ -370,19 +375,16 @@ def _stage(tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> tor
 
 
 def _write_staged(path: Path, buf: torch.Tensor, nbytes: int) -> None:
-    f = _Direct(path)
-    try:
+    with _Direct(path) as f:
         f.write(buf, nbytes)
-    finally:
-        f.close()
 
 
 def _write_flat(path: Path, tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> None:
     """Stream the tensors to their offsets through a bounce buffer of at most _CHUNK bytes."""
     buf = _buffer(min(nbytes, _CHUNK))
     buf = buf[: max(_PAGE, min(nbytes, _CHUNK) // _PAGE * _PAGE)]  # flushed whole: a multiple of a page
-    f, base = _Direct(path), 0  # base: the file offset of buf[0]
-    try:
+    base = 0  # the file offset of buf[0]
+    with _Direct(path) as f:
         for t, (_, _, _, off, n) in zip(tensors, layout):
             src, done = _byte_view(t), 0
             while done < n:
@@ -394,8 +396,6 @@ def _write_flat(path: Path, tensors: list[torch.Tensor], layout: list[tuple], nb
                 buf[at : at + k].copy_(src[done : done + k])
                 done += k
         f.write(buf, nbytes - base)
-    finally:
-        f.close()
 
 
 def _read_flat(path: Path, tree):
@@ -423,6 +423,17 @@ def _read_flat(path: Path, tree):
         else:
             out.append(index["objects"].get(key, value))
     return tree_unflatten(out, spec)
+
+
+def _read_state(path: Path, msd: dict, osd: dict | None = None, *, no_dist: bool = True) -> tuple:
+    """The model's (and optimizer's) state dicts, as get_state_dict gives them, filled from the checkpoint
+    in `path`: one process's flat file, or DCP's directory (any number of ranks)."""
+    if (path / INDEX).exists():
+        return _read_flat(path, (msd,) if osd is None else (msd, osd))
+    state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path / "model_optim"), no_dist=no_dist)
+    return tuple(state.values())
 
 
 def _state_bytes(*state_dicts) -> int:
@@ -530,13 +541,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         )
     _check_frozen(model, meta, path)
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-    if (path / INDEX).exists():
-        msd, osd = _read_flat(path, (msd, osd))
-    else:
-        state = {"model": msd, "optim": osd}
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path / "model_optim"), no_dist=world == 1)
-        msd, osd = state["model"], state["optim"]
+    msd, osd = _read_state(path, msd, osd, no_dist=world == 1)
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_OPTS)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
@@ -621,11 +626,6 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict:
 
     meta = read_meta(path)
     _check_frozen(model, meta, Path(path))
-    state = {"model": get_model_state_dict(model, options=_OPTS)}
-    if (Path(path) / INDEX).exists():  # one process's flat file: the model's entries (the tuple's first)
-        state["model"] = _read_flat(Path(path), (state["model"],))[0]
-    else:
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(Path(path) / "model_optim"), no_dist=True)
-    set_model_state_dict(model, state["model"], options=_OPTS)
+    (msd,) = _read_state(Path(path), get_model_state_dict(model, options=_OPTS))
+    set_model_state_dict(model, msd, options=_OPTS)
     return meta

@@ -96,19 +96,32 @@ def test_a_truncated_file_or_another_model_is_an_error(tmp_path):
         C._read_flat(tmp_path / "ck", _blank(tree))
 
 
-def test_one_process_saves_a_flat_file_and_resumes_from_it(tmp_path):
-    """save_checkpoint / load_checkpoint in one process: the flat file in place of DCP's directory;
-    model and AdamW state restored bitwise."""
-    torch.manual_seed(0)
+def _trained():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for _ in range(3):
         model(torch.randn(5, 8)).pow(2).sum().backward()
         opt.step()
         opt.zero_grad()
-    path = C.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, data_state={"cursor": 7}, meta={})
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", C.FLAT, C.INDEX, "rank_00000.pt", "trainer.pt"]
+    return model, opt
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_one_process_saves_and_resumes(tmp_path, monkeypatch, flat):
+    """save_checkpoint / load_checkpoint in one process: the flat file in place of DCP's directory;
+    model and AdamW state restored bitwise. Without it (state the flat file does not take: here
+    forced), a background save in one process stages a copy and DCP writes it in our thread (no
+    process group needed)."""
+    if not flat:
+        monkeypatch.setattr(C, "flat_capable", lambda tree: False)
+    torch.manual_seed(0)
+    model, opt = _trained()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    saved = C.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, data_state={"cursor": 7}, meta={},
+                              background=not flat)
+    path = saved if flat else saved.finish()
+    files = ["meta.json", C.FLAT, C.INDEX, "rank_00000.pt", "trainer.pt"] if flat else ["meta.json", "model_optim", "rank_00000.pt", "trainer.pt"]
+    assert sorted(p.name for p in path.iterdir()) == files
     torch.manual_seed(1)
     fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
