@@ -56,34 +56,40 @@ def measure(tmp: Path, name: str, every: int, steps: int, lora: bool) -> dict:
     return {"step_s": step_s, "save_s": save_s, "overhead": save_s / (every * step_s), "mb": size / 2**20}
 
 
-def save_costs(rows: list[dict], every: int) -> dict:
-    """Within one run: what each save costs the training loop. The gap after a step (the wall time
-    between its log and the next one, minus the next step's own time) holds whatever the loop does
-    between steps: a save's staging and, for a background save, its finish (rename, fsync) at the
-    step after; the step after a save runs beside a background write. Each is compared with its
-    neighbours in the same run (the gap after other steps; the step just before the save), so the
-    machine's drift between runs cancels."""
-    gap = {p["step"]: (r["time"] - p["time"]) - r["step_time_s"] for p, r in zip(rows, rows[1:])}  # after step p
-    step = {r["step"]: r["step_time_s"] for r in rows}
+def save_costs(rows: list[dict], ref: list[dict], every: int) -> dict:
+    """What each save costs the training loop, against a run without checkpoints on the same data
+    (`ref`, run beside it). The gap after a step (the wall time between its log and the next one,
+    minus the next step's own time) holds whatever the loop does between steps: a save's staging
+    and, for a background save, its finish at the step after; the step after a save runs beside a
+    background write. Each is compared with the same step of the reference run (same data, so the
+    length of each step's batch cancels), less the two runs' difference over the steps no save
+    touches (the machine's drift between runs: +-10%, more than the saves)."""
+    def timing(rs):
+        gap = {p["step"]: (r["time"] - p["time"]) - r["step_time_s"] for p, r in zip(rs, rs[1:])}  # after step p
+        return gap, {r["step"]: r["step_time_s"] for r in rs}
+    (gap, step), (gap0, step0) = timing(rows), timing(ref)
     saves = [s for s in step if s % every == 0 and s + 2 in step and s > every]  # the first save's neighbours are warm-up
-    other = statistics.mean(g for s, g in gap.items() if s > every and s % every not in (0, 1) and s + 1 in step)
-    main = statistics.mean(gap[s] + gap[s + 1] - 2 * other for s in saves)  # staging; then the finish
-    before = statistics.mean(step[s] for s in saves)  # the step trained just before the save
-    beside = statistics.mean(step[s + 1] - step[s] for s in saves)  # the step trained beside the write, against it
-    return {"step_s": before, "main_s": main, "beside_s": beside, "overhead": (main + beside) / (every * before), "n": len(saves)}
+    quiet = [s for s in step if s > every and s % every not in (0, 1) and s + 1 in step]  # no save near: the drift
+    gap_drift = statistics.median(gap[s] - gap0[s] for s in quiet)
+    step_drift = statistics.median(step[s] / step0[s] for s in quiet)
+    main = statistics.mean(gap[s] + gap[s + 1] - gap0[s] - gap0[s + 1] - 2 * gap_drift for s in saves)  # staging; finish
+    beside = statistics.mean(step[s + 1] - step0[s + 1] * step_drift for s in saves)  # the step trained beside the write
+    base = statistics.mean(step[s] for s in quiet)
+    return {"step_s": base, "main_s": main, "beside_s": beside, "overhead": (main + beside) / (every * base), "n": len(saves)}
 
 
 def background_vs_sync(tmp: Path, repeats: int, steps: int) -> None:
     modes = {"every 5 steps, synchronous": False, "every 5 steps, background": True}
     costs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(repeats):
+        ref = run(tmp, f"none-{rep}", None, steps)  # no checkpoints: the same steps on the same data
         order = list(modes)[rep % len(modes):] + list(modes)[:rep % len(modes)]
         for m in order:
             rows = run(tmp, f"bg-{rep}-{list(modes).index(m)}", 5, steps, background=modes[m])
-            costs[m].append(save_costs(rows, 5))
-    print(f"\nsynchronous vs background saves: demo job, full fine-tuning, {steps} steps, a save every 5; "
-          f"means over the saves after the first, medians of {repeats} runs\n")
-    print("| checkpoints | step | save's time in the training loop | step beside the write (vs the step before the save) | overhead |")
+            costs[m].append(save_costs(rows, ref, 5))
+    print(f"\nsynchronous vs background saves: demo job, full fine-tuning, {steps} steps, a save every 5; each against "
+          f"a run without checkpoints on the same data; means over the saves after the first, medians of {repeats} runs\n")
+    print("| checkpoints | step | save's time in the training loop | step beside the write (vs the same step without saves) | overhead |")
     print("|---|---|---|---|---|")
     for m in modes:
         med = {k: statistics.median(c[k] for c in costs[m]) for k in ("step_s", "main_s", "beside_s", "overhead")}

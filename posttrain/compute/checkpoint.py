@@ -33,10 +33,12 @@ import json
 import math
 import mmap
 import os
+import pickle
 import random
 import shutil
 import threading
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,7 @@ class PendingSave:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.index: dict | None = None  # the flat file's index (one process), else None: DCP
+        self.published = False  # renamed into place (a one-process background save: by its writer thread)
 
     def start(self, model, optimizer, scheduler, data_state: dict, meta: dict, states: dict, *, background: bool) -> None:
         if self.rank == 0:
@@ -188,18 +191,18 @@ class PendingSave:
             self.tmp.mkdir(parents=True)
         _barrier()
         try:
-            msd, osd = get_state_dict(model, optimizer, options=_OPTS)
-            self.bytes = _state_bytes(msd, osd)
+            msd, osd, flat = _state(model, optimizer) if self.world == 1 else (*get_state_dict(model, optimizer, options=_OPTS), None)
+            self.bytes = flat[3] if flat else _state_bytes(msd, osd)
             self.checksum = frozen_checksum(model)  # collective: every rank
-            # what is not a tensor of the model or optimizer is serialised now: it may change under us
-            own = io.BytesIO()
-            torch.save({"data": data_state, "rng": rng_state(), "states": states}, own)
-            self.own = own.getvalue()
+            # what is not a tensor of the model or optimizer is serialised now: it may change under us. With
+            # pickle, not torch.save: its pickler calls a Python persistent_id for every object, 5 ms for the
+            # demo's packer buffer (213 samples, 12k token ids) where pickle takes 0.7
+            self.own = pickle.dumps({"data": data_state, "rng": rng_state(), "states": states}, protocol=pickle.HIGHEST_PROTOCOL)
             self.trainer = io.BytesIO()
             torch.save({"scheduler": scheduler.state_dict(), "step": self.step}, self.trainer)
             self.meta = {"step": self.step, "world_size": self.world, "frozen_checksum": self.checksum, **meta}
-            if self.world == 1 and flat_capable((msd, osd)):  # one process: one flat file, written with O_DIRECT
-                tensors, layout, objects, nbytes = _flat_layout((msd, osd))
+            if flat is not None:  # one process: one flat file, written with O_DIRECT
+                tensors, layout, objects, nbytes = flat
                 self.index = {"format": 1, "tensors": layout, "objects": objects, "bytes": nbytes}  # written with the file
                 if not background:
                     self._write(lambda: _write_flat(self.tmp / FLAT, tensors, layout, nbytes))
@@ -230,10 +233,12 @@ class PendingSave:
         try:
             model_optim()
             if self.index is not None:
-                index = io.BytesIO()
-                torch.save(self.index, index)
-                _write_bytes(self.tmp / INDEX, index.getvalue())
+                _write_bytes(self.tmp / INDEX, pickle.dumps(self.index, protocol=pickle.HIGHEST_PROTOCOL))
             _write_bytes(self.tmp / f"rank_{self.rank:05d}.pt", self.own)
+            if self.world == 1 and self.thread is not None:  # a background write with nobody to agree with
+                self._publish()
+                self.published = True
+                self._prune()
         except IO_ERRORS as e:
             self.error = e
 
@@ -242,34 +247,46 @@ class PendingSave:
         return self.thread is None or not self.thread.is_alive()
 
     def finish(self) -> Path:
-        """Wait for this rank's write, agree with the others, make the checkpoint visible (collective)."""
+        """Wait for this rank's write, agree with the others, make the checkpoint visible (collective).
+        One process's background save was made visible by its writer thread: the training loop does
+        not wait for its last files, fsyncs and rename."""
         try:
             if self.thread is not None:
                 self.thread.join()
             _agree(self.error, self.tmp, self.final, self.bytes)
-            failure = None
-            if self.rank == 0:
-                try:
-                    (self.tmp / "trainer.pt").write_bytes(self.trainer.getvalue())
-                    (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
-                    _fsync_tree(self.tmp)
-                    if self.final.exists():  # a re-save of the same step (after a resume): replace it
-                        shutil.rmtree(self.final)
-                    os.replace(self.tmp, self.final)
-                    atomic.write_text(self.root / "latest", self.final.name)
-                except IO_ERRORS as e:
-                    failure = e
-            _agree(failure, self.tmp, self.final, self.bytes)
+            if not self.published:
+                failure = None
+                if self.rank == 0:
+                    try:
+                        self._publish()
+                    except IO_ERRORS as e:
+                        failure = e
+                _agree(failure, self.tmp, self.final, self.bytes)
+                self._prune()
         except BaseException:
             if self.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+        _barrier()
+        return self.final
+
+    def _publish(self) -> None:
+        """Rank 0: the last files, fsync, rename into place, point `latest` at it."""
+        _write_bytes(self.tmp / "trainer.pt", self.trainer.getvalue())
+        _write_bytes(self.tmp / "meta.json", json.dumps(self.meta, indent=2, default=str).encode())
+        if self.index is None:  # DCP's files (ours were fsynced as they were written)
+            _fsync_tree(self.tmp)
+        if self.final.exists():  # a re-save of the same step (after a resume): replace it
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        atomic.write_text(self.root / "latest", self.final.name)
+
+    def _prune(self) -> None:
+        """Rank 0: only the newest `keep` checkpoints (and `keep_also`, the best one) stay."""
         if self.rank == 0 and self.keep:
             for old in complete_checkpoints(self.root)[:-self.keep]:
                 if old.name != self.keep_also:
                     shutil.rmtree(old, ignore_errors=True)
-        _barrier()
-        return self.final
 
 
 # ------------------------------------------------------------------------- one process: a flat file
@@ -288,6 +305,7 @@ _CHUNK = 64 << 20  # a synchronous save streams through at most this much memory
 # costs its page faults and unmapping every save: 84 vs 38 ms for the demo's synchronous write). Saves
 # never overlap: a save first finishes the one in flight.
 _BUFFER: list = []
+_VIEWS: list = []  # [tensors, buffer, its slices, the tensors' byte views] of the last staging (held: no id reuse)
 
 
 def _aligned(nbytes: int) -> tuple[torch.Tensor, mmap.mmap]:
@@ -310,6 +328,44 @@ def _flat_layout(tree) -> tuple[list, list[tuple], dict, int]:
         else:
             objects[key] = value
     return tensors, layout, objects, end
+
+
+_GROUPS = "[1]['param_groups']"  # where the optimizer's param groups sit in the (msd, osd) tree
+
+
+def _state(model, optimizer) -> tuple[dict, dict, tuple | None]:
+    """One process: get_state_dict(model, optimizer) and, where the flat file takes it, its
+    `_flat_layout`. get_state_dict's checks and name maps cost 4 ms a save and the layout 1.7 ms (the
+    demo's step is 280 ms), so both are kept (on the optimizer) and reused while the parameters and
+    optimizer tensors they hold are the same objects over the same memory; only the param groups'
+    values (the learning rate changes every step) are taken fresh."""
+    key = _identity(model, optimizer)
+    cached = getattr(optimizer, "_posttrain_state", None)
+    if cached is None or cached[0] != key:
+        msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+        flat = _flat_layout((msd, osd)) if flat_capable((msd, osd)) else None
+        if flat is None or key is None:
+            return msd, osd, flat
+        optimizer._posttrain_state = cached = (key, msd, osd, flat)
+    _, msd, osd, (tensors, layout, objects, nbytes) = cached
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": old["params"]}
+              for g, old in zip(optimizer.param_groups, osd["param_groups"])]
+    objects = {k: v for k, v in objects.items() if not k.startswith(_GROUPS)}
+    objects.update((_GROUPS + keystr(path), v) for path, v in tree_flatten_with_path(groups)[0])
+    return msd, {**osd, "param_groups": groups}, (tensors, layout, objects, nbytes)
+
+
+def _identity(model, optimizer) -> tuple | None:
+    """What get_state_dict's result depends on: the parameters, buffers and optimizer tensors (each
+    object, its memory, whether it trains) and the param groups' members. None: not to be reused (a
+    param group holds a tensor value, which the layout would hold as a tensor)."""
+    def ident(v):
+        return (id(v), v.data_ptr(), v.requires_grad) if torch.is_tensor(v) else id(v)
+    if any(torch.is_tensor(v) for g in optimizer.param_groups for k, v in g.items() if k != "params"):
+        return None
+    return (tuple(ident(v) for v in model.state_dict(keep_vars=True).values()),
+            tuple((id(p), tuple(ident(v) for v in st.values())) for p, st in optimizer.state.items()),
+            tuple((tuple(g), tuple(id(p) for p in g["params"])) for g in optimizer.param_groups))
 
 
 def flat_capable(tree) -> bool:
@@ -366,11 +422,26 @@ def _buffer(nbytes: int) -> torch.Tensor:
     return _BUFFER[0]
 
 
+def release_buffers() -> None:
+    """Let go of the staging buffer and the views of the last staged state (the end of a run: they are
+    the size of the model and optimizer state)."""
+    _BUFFER.clear()
+    _VIEWS.clear()
+
+
 def _stage(tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> torch.Tensor:
-    """Copy the tensors to their offsets in the shared buffer (a background save's staged state)."""
+    """Copy the tensors to their offsets in the shared buffer (a background save's staged state), in
+    one call (the demo's 188 tensors: 2.0 ms, against 3.2 in a loop of copies)."""
     buf = _buffer(nbytes)
-    for t, (_, _, _, off, n) in zip(tensors, layout):
-        buf[off : off + n].copy_(_byte_view(t))
+    if _VIEWS and _VIEWS[0] is tensors and _VIEWS[1] is buf:  # the same (cached) tensors: the same views
+        dst, src = _VIEWS[2:]
+    else:
+        pairs = [(buf[off : off + n], _byte_view(t)) for t, (_, _, _, off, n) in zip(tensors, layout) if n]
+        dst, src = (list(x) for x in zip(*pairs)) if pairs else ([], [])
+        # a strided tensor's byte view is a copy, taken now: never reused
+        _VIEWS[:] = [tensors, buf, dst, src] if all(t.is_contiguous() for t in tensors) else []
+    if dst:
+        torch._foreach_copy_(dst, src)
     return buf
 
 
@@ -401,7 +472,7 @@ def _write_flat(path: Path, tensors: list[torch.Tensor], layout: list[tuple], nb
 def _read_flat(path: Path, tree):
     """`tree` (the state dicts to load, as get_state_dict gives them) with every value from the flat
     checkpoint in `path`: tensors copied in place, other values replaced."""
-    index = torch.load(path / INDEX, weights_only=False)
+    index = _load_pickled(path / INDEX)
     size = (path / FLAT).stat().st_size
     if size < index["bytes"]:
         raise EOFError(f"{path / FLAT}: {size} bytes where its index lists {index['bytes']} (truncated)")  # damaged: resume falls back
@@ -545,9 +616,17 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_OPTS)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
-    mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
+    mine = _load_pickled(path / f"rank_{rank:05d}.pt")
     set_rng_state(mine["rng"])
     return {"step": trainer["step"], "data": mine["data"], "states": mine.get("states", {}), "meta": meta}
+
+
+def _load_pickled(path: Path):
+    """A pickle file, or a torch.save file (zip) as earlier versions wrote it."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, weights_only=False)
+    with open(path, "rb") as f:
+        return pickle.load(f)
 
 
 def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:

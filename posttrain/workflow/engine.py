@@ -28,6 +28,7 @@ recipe keeps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -46,6 +47,7 @@ from ..compute.checkpoint import (
     clean_leftovers,
     find_latest,
     load_checkpoint,
+    release_buffers,
     resume_candidates,
     save_checkpoint,
     set_aside_unreadable,
@@ -460,7 +462,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------ the loop
     def _meta(self) -> dict:
-        return {"tokenizer_fingerprint": fingerprint(self.tokenizer), "config": self.cfg.model_dump(mode="json")}
+        return {"tokenizer_fingerprint": self.fingerprint, "config": self.cfg.model_dump(mode="json")}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The tokenizer's fingerprint, computed once: it serialises the whole tokenizer (a 151k-token
+        vocabulary is megabytes), and every checkpoint records it."""
+        return fingerprint(self.tokenizer)
 
     def _check_same_sources(self, path, saved: dict | None) -> None:
         """The data state (cursors per source, mixer) only means something for the sources it was
@@ -509,7 +517,7 @@ class Engine:
                 self.say(f"[yellow]checkpoint {path} is unreadable[/] ({reason}); trying the previous one", soft_wrap=True)
                 unreadable.append((path, reason))
                 continue
-            if state["meta"].get("tokenizer_fingerprint") != fingerprint(self.tokenizer):
+            if state["meta"].get("tokenizer_fingerprint") != self.fingerprint:
                 raise TokenizerMismatchError(f"{path}: written with a different tokenizer than this run's")
             self._check_same_sources(path, state["meta"].get("config"))
             old_steps = ((state["meta"].get("config") or {}).get("train") or {}).get("steps")
@@ -673,6 +681,7 @@ class Engine:
             signals.close()
             log.close(status)
             loader.close()
+            release_buffers()  # (a write still in flight holds on to its own)
         self.say(f"data: {loader.stats.summary()}; mixture {loader.proportions()}")
         if start + trained == 0:
             sources = ", ".join(s.path for s in cfg.data.sources)
@@ -802,7 +811,7 @@ class Engine:
             out = export_hf(model, self.tokenizer, self.out.hf, merge_lora=cfg.export.merge_lora,
                             meta={"base_model": cfg.model.path, "steps": steps, "recipe": cfg.recipe})
             result["export_dir"] = str(out)
-            console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {fingerprint(self.tokenizer)[:12]})")
+            console.print(f"[bold green]HF checkpoint:[/] {out}  (tokenizer fingerprint {self.fingerprint[:12]})")
             if cfg.export.best and self.best is not None and self.best.checkpoint:
                 best = export_checkpoint(self.out.checkpoints / self.best.checkpoint, self.out.hf_best)
                 result["best_export_dir"] = str(best)
