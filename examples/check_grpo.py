@@ -5,8 +5,11 @@ generation prompt, then answered greedily by `model.generate` (up to --max-new-t
 generation config's EOS). A completion is correct when the last integer in it equals `answer`.
 
     python examples/check_grpo.py runs/grpo_demo/hf [--prompts examples/data/grpo_heldout.jsonl] [--min 0.6]
+    python examples/check_grpo.py runs/grpo_demo/hf --baseline runs/demo/hf --min-gain 0.2
 
-Prints the accuracy; with `--min FRACTION` the exit code is 1 when it is below FRACTION.
+Prints the accuracy; with `--min FRACTION` the exit code is 1 when it is below FRACTION; with
+`--baseline DIR --min-gain G` (the model the run started from) when it is not at least G above that
+model's accuracy on the same prompts.
 """
 
 from __future__ import annotations
@@ -45,12 +48,26 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default=str(DEFAULT))
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--min", type=float, default=None, help="fail below this accuracy")
+    p.add_argument("--baseline", default=None, help="the model the run started from: measured too")
+    p.add_argument("--min-gain", type=float, default=None, help="fail unless the accuracy is this much above --baseline's")
     a = p.parse_args(argv)
+    if (a.baseline is None) != (a.min_gain is None):
+        p.error("--baseline and --min-gain go together")
     records = [json.loads(line) for line in Path(a.prompts).read_text().splitlines() if line.strip()]
-    acc, texts = accuracy(a.model_dir, records, a.max_new_tokens)
-    print(f"{a.model_dir}: held-out greedy accuracy {acc:.1%} ({round(acc * len(records))}/{len(records)}); "
-          f"e.g. {records[0]['prompt']!r} -> {texts[0]!r}")
-    return 1 if a.min is not None and acc < a.min else 0
+    failed = False
+    for model_dir in ([a.baseline] if a.baseline else []) + [a.model_dir]:
+        acc, texts = accuracy(model_dir, records, a.max_new_tokens)
+        print(f"{model_dir}: held-out greedy accuracy {acc:.1%} ({round(acc * len(records))}/{len(records)}); "
+              f"e.g. {records[0]['prompt']!r} -> {texts[0]!r}")
+        if model_dir == a.baseline:
+            base = acc
+    if a.min is not None and acc < a.min:
+        print(f"FAILED: below --min {a.min:.1%}")
+        failed = True
+    if a.baseline is not None and acc < base + a.min_gain:
+        print(f"FAILED: {acc - base:+.1%} over {a.baseline}, less than --min-gain {a.min_gain:.1%}")
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
