@@ -73,8 +73,9 @@ def test_branches_give_the_unshared_log_probs_and_gradients(request, family):
     assert n1 < n0 - 40  # the prompts of 3 + 1 documents are not computed again
     assert torch.equal(c0, c1)
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-6)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-4, msg=n)
+    for n in g0:  # float reordering, relative to each gradient's scale (the embedding's sums over tokens: up to 42,
+        # where an AVX-512 machine's kernels differed by 1e-5 between the two layouts)
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6 * max(1.0, g0[n].abs().max().item()), rtol=1e-4, msg=n)
 
 
 def test_the_probe_refuses_backends_that_cut_a_branch_off_its_prefix(tiny_qwen3, tiny_gemma3):
