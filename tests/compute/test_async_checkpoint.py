@@ -72,12 +72,12 @@ def test_background_checkpoints_hold_their_steps_state_and_resume_exactly(tiny_q
 SLOW_WRITER = """
 import sys, time
 import posttrain.compute.checkpoint as C
-real = C._write_bytes
-def slow(path, data):  # the background write of step 4 takes long: the kill lands in the middle of it
-    if "step_00000004" in str(path):
+real = C._write_files
+def slow(files):  # the background write of step 4 takes long: the kill lands in the middle of it
+    if any("step_00000004" in str(path) for path in files):
         time.sleep(60)
-    real(path, data)
-C._write_bytes = slow
+    real(files)
+C._write_files = slow
 from posttrain.cli import main
 sys.exit(main(["run", sys.argv[1]]))
 """

@@ -209,10 +209,10 @@ def _two_rank_save(rank: int, root: str, port: int, fail: str, out: str) -> None
         kw = dict(model=model, optimizer=opt, scheduler=sched, data_state={"rank": rank}, meta={"tokenizer_fingerprint": "x"})
         C.save_checkpoint(root, 1, **kw)
         if rank == 1:  # its own file of the next save fails
-            def failing(path, data):
+            def failing(files):
                 raise OSError(errno.ENOSPC, "No space left on device") if fail == "disk full" else RuntimeError("a bad sector")
 
-            C._write_bytes = failing
+            C._write_files = failing
         try:
             C.save_checkpoint(root, 2, **kw)
             outcome = "saved"
