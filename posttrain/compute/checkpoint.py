@@ -308,7 +308,7 @@ class PendingSave:
 # byte that training loses on busy cores: on this 2-core VM (ext4 on virtio) a buffered write of the
 # demo's 40 MiB took 135 ms of CPU, DCP's save 120-180 ms; the same bytes with O_DIRECT took 1-5 ms
 # of CPU and 18 ms of wall time. The index (names, dtypes, shapes, offsets, and the state dicts'
-# non-tensor values) is a small torch.save file beside it.
+# non-tensor values) is a small pickle beside it.
 FLAT, INDEX = "model_optim.flat", "model_optim.idx"
 _PAGE = 4096
 _CHUNK = 64 << 20  # a synchronous save streams through at most this much memory, whatever the state's size

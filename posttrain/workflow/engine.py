@@ -342,7 +342,7 @@ class Engine:
 
     def _check_same_tokenizer(self, mcfg: ModelConfig) -> None:
         other = load_tokenizer(mcfg)
-        a, b = fingerprint(self.tokenizer), fingerprint(other)
+        a, b = self.fingerprint, fingerprint(other)
         if a != b:
             raise TokenizerMismatchError(
                 f"{mcfg.path}: its tokenizer differs from the policy's ({self.cfg.model.tokenizer or self.cfg.model.path}): "
