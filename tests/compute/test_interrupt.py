@@ -60,6 +60,7 @@ def reference(tiny_qwen3, data, tmp_path_factory):
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_qwen3, data, tmp_path, signal_at, reference, capsys):
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's after a test that started Ray here
     signal_at(2, signal.SIGTERM)
     with pytest.raises(Interrupted) as exc:
         run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out)))
@@ -67,7 +68,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_qwen3
     assert str(exc.value) == f"SIGTERM after step 2: checkpoint {ckpt} written; run the same command again to resume"
     assert exc.value.exit_code == 143
     assert C.find_latest(out / "checkpoints") == ckpt and not (out / "hf").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the engine's handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is before  # the engine's handler is gone again, the previous one back
     _SINKS.clear()
     run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out)))  # no --overwrite needed
     assert "resumed" in capsys.readouterr().err
