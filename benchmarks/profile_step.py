@@ -15,6 +15,7 @@ library carries no profiling code; torch.profiler's own overhead inflates "other
 
     .venv/bin/python benchmarks/profile_step.py                  # ~1 minute on 2 idle cores
     .venv/bin/python benchmarks/profile_step.py --trace t.json   # also a Chrome trace
+    .venv/bin/python benchmarks/profile_step.py --top 30         # also the 30 ops of most self CPU time
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--trace", help="also write a Chrome trace here")
     ap.add_argument("--data", help="a chat JSONL file to profile on instead of the generated skewed chats")
+    ap.add_argument("--top", type=int, default=0, help="also list the N ops of most self CPU time")
     a = ap.parse_args()
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: run `make demo` (or examples/build_tiny_model.py) first")
@@ -213,6 +215,10 @@ def main() -> None:
     for k, _ in [*OPS, ("rest", "")]:
         print(f"| {k} | {ops[k] / a.steps * 1e3:.1f} | {100 * ops[k] / max(self_total, 1e-9):.1f}% |")
     print("\nlargest ops in 'rest': " + ", ".join(f"{k} {t / a.steps * 1e3:.1f} ms" for t, k in top_rest))
+    if a.top:
+        print(f"\n| top {a.top} ops (self CPU time) | ms/step | calls/step |\n|---|---:|---:|")
+        for avg in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:a.top]:
+            print(f"| {avg.key} | {avg.self_cpu_time_total / 1e3 / a.steps:.1f} | {avg.count / a.steps:.0f} |")
     if a.trace:
         prof.export_chrome_trace(a.trace)
         print(f"trace: {a.trace}")
