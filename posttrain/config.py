@@ -237,7 +237,8 @@ class ComputeConfig(Strict):
         "new best and at early stopping stay synchronous")
     compile: bool = Field(
         False, description="compile every decoder layer with torch.compile (per layer, in place; the per-document "
-        "attention stays eager between the compiled halves): fuses norms, rotary, activations and residual adds forward "
+        "attention stays eager between the compiled halves; of a last layer run at the target positions only, its norms and "
+        "MLP, and the final norm): fuses norms, rotary, activations and residual adds forward "
         "and backward. The first steps pay the compilation (about 20-60 s on CPU); losses match eager to ~1e-6 (fp32), not "
         "bitwise. If the backend cannot compile on this device (no C++ compiler on CPU, no Triton on GPU) the run says so "
         "and trains eager")

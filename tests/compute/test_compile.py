@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from posttrain.cli import run_job
@@ -19,17 +20,22 @@ def _losses(out):
     return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_compiled_layers_train_like_eager_with_lora_and_checkpointing(tiny_qwen3, tmp_path, capsys):
+@pytest.mark.parametrize("model", [
+    {"lora": {"rank": 4}, "gradient_checkpointing": True},  # every layer compiled whole
+    {},  # full fine-tuning: the last layer at the target positions only, its norms and MLP compiled
+], ids=["lora-checkpointing", "full-tail"])
+def test_compiled_layers_train_like_eager(tiny_qwen3, tmp_path, capsys, model):
     data = write_jsonl(tmp_path / "d.jsonl", DEMO_DATA.read_text().splitlines()[:48])
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"c{int(compiled)}"
-        job = job_dict(tiny_qwen3, data, out, model={"lora": {"rank": 4}, "gradient_checkpointing": True},
-                       train={"steps": 4}, compute={"compile": compiled}, export={"enabled": False})
+        job = job_dict(tiny_qwen3, data, out, model=model, train={"steps": 4}, compute={"compile": compiled},
+                       export={"enabled": False})
         run_job(JobConfig.model_validate(job))
         runs[compiled] = _losses(out)
-    said = capsys.readouterr().err
+    said = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "decoder layers compiled" in said
+    assert ("the last one's norms and MLP compiled on their own (6 modules with the final norm)" in said) == (not model)
     # packed rows end at multiples of 64 and change length between steps: the compiled layers
     # recompile for the new shape instead of failing or falling back
     rows = {json.loads(ln)["padding"] for ln in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()}
