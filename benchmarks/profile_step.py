@@ -16,6 +16,7 @@ library carries no profiling code; torch.profiler's own overhead inflates "other
     .venv/bin/python benchmarks/profile_step.py                  # ~1 minute on 2 idle cores
     .venv/bin/python benchmarks/profile_step.py --trace t.json   # also a Chrome trace
     .venv/bin/python benchmarks/profile_step.py --top 30         # also the 30 ops of most self CPU time
+    .venv/bin/python benchmarks/profile_step.py --compile        # with compute.compile (warm-up compiles)
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--trace", help="also write a Chrome trace here")
     ap.add_argument("--data", help="a chat JSONL file to profile on instead of the generated skewed chats")
+    ap.add_argument("--compile", action="store_true", help="compute.compile: true (the warm-up steps compile)")
     ap.add_argument("--top", type=int, default=0, help="also list the N ops of most self CPU time")
     a = ap.parse_args()
     if not (MODEL / "config.json").exists():
@@ -140,7 +142,7 @@ def main() -> None:
         "recipe": "sft", "model": {"path": str(MODEL), "dtype": "float32"},
         "data": {"sources": [{"path": str(data)}], "max_seq_len": a.budget, "max_tokens_per_batch": a.budget},
         "train": {"lr": 1e-3, "steps": total, "warmup_steps": 2, "log_every": 1000},
-        "compute": {"device": "cpu", "output_dir": str(tmp / "run"), "progress": False, "threads": a.threads,
+        "compute": {"device": "cpu", "output_dir": str(tmp / "run"), "progress": False, "threads": a.threads, "compile": a.compile,
                     "checkpoint_every": None, "checkpoint_every_minutes": None},  # a step, not a save
         "export": {"enabled": False},
     })

@@ -13,11 +13,12 @@ it runs eager between the two compiled halves of each layer (it is excluded from
 the residual adds, forward and backward.
 
 The last layer, where it runs at the target positions only (`model/tail.py`), is not compiled whole:
-its norms (q/k norms included) and its MLP are, each on its own with a symbolic length (the number of
-targets changes every step), and so is the final norm. Measured on the demo model (fwd + bwd of
-uniform 1,664-token rows, an interleaved in-process A/B on the AVX-512 CPU of session 12): eager 288
-ms, layers compiled without the last 251 ms (1.15x), with the last one's parts and the final norm 236
-ms (1.22x).
+its two norms and its MLP are, each on its own with a symbolic length (the number of targets changes
+every step), and so is the final norm. Measured on the demo model (fwd + bwd of uniform 1,664-token
+rows, interleaved in-process A/Bs on the AVX-512 CPU of session 12, 48-72 calls each): eager 288 ms,
+layers compiled without the last 251 ms (1.15x), with the last one's parts (q/k norms included) and
+the final norm 236 ms (1.22x); in a second A/B eager 236 ms, with those parts 207 (1.14x), without the
+q/k norms 201 (1.17x), without the input norm either 210 (1.12x).
 
 Row lengths vary from step to step (packed rows end at a multiple of data.pack_to_multiple_of):
 torch compiles the first shape statically and the second time with a symbolic length, then again
@@ -80,11 +81,11 @@ def compile_layers(model: torch.nn.Module, say: Callable[[str], None]) -> None:
 
 
 def _tail_parts(model: torch.nn.Module, layer: torch.nn.Module | None) -> list[torch.nn.Module]:
-    """The pruned last layer's modules that run whole whatever rows they get (its norms, q/k norms where
-    the family has them, its MLP), and the decoder's final norm; none without a pruned layer."""
+    """The pruned last layer's modules that run whole whatever rows they get (its two norms and its MLP),
+    and the decoder's final norm; none without a pruned layer. Not the q/k norms inside its attention
+    (Qwen3): compiled on their own as well they were slower in the A/B below, each compiled region
+    costing its guards and autograd wrapper per call."""
     if layer is None:
         return []
-    attn = layer.self_attn
-    parts = [layer.input_layernorm, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
-             layer.post_attention_layernorm, layer.mlp, getattr(unwrap(model).get_decoder(), "norm", None)]
+    parts = [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, getattr(unwrap(model).get_decoder(), "norm", None)]
     return [p for p in parts if isinstance(p, torch.nn.Module)]

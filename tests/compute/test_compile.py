@@ -35,7 +35,7 @@ def test_compiled_layers_train_like_eager(tiny_qwen3, tmp_path, capsys, model):
         runs[compiled] = _losses(out)
     said = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "decoder layers compiled" in said
-    assert ("the last one's norms and MLP compiled on their own (6 modules with the final norm)" in said) == (not model)
+    assert ("the last one's norms and MLP compiled on their own (4 modules with the final norm)" in said) == (not model)
     # packed rows end at multiples of 64 and change length between steps: the compiled layers
     # recompile for the new shape instead of failing or falling back
     rows = {json.loads(ln)["padding"] for ln in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()}
