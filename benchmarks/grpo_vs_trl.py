@@ -16,7 +16,8 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
   the engine in place after every update), beside the trainer (vLLM's own engine-core and worker
   processes) and in its own actor (`rollout.placement: separate`, 1 CPU; vLLM in-process there);
 - posttrain, rollouts from transformers generate (`grpo.rollout.engine: hf`);
-- the same with `compute.compile: true` (the trainer's decoder layers compiled; not the rollout copy);
+- the same with `compute.compile: true` (the trainer's decoder layers compiled) and `rollout.compile: true`
+  (the HF engine's decode steps compiled);
 - the same with `data.share_prefix: false` (each completion's row repeats its prompt, as TRL's do;
   by default a prompt is computed once for its group of G completions);
 - the same engine in its own actor (1 CPU) with `rollout.overlap: true`: the next step generated while
@@ -142,7 +143,8 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
                  "rollout": {"engine": MODES[name]["engine"],
                              # the engine in its own actor (1 CPU); overlapped: generating the next step during this one
                              **({"placement": "separate", "cpus": 1} if MODES[name].get("overlap") or MODES[name].get("apart") else {}),
-                             **({"overlap": True} if MODES[name].get("overlap") else {})},
+                             **({"overlap": True} if MODES[name].get("overlap") else {}),
+                             **({"compile": True} if MODES[name].get("compile") else {})},
                  "beta": 0.0, "scale_rewards": "group",
                  "loss_aggregation": "token_mean", "clip_low": 0.2, "clip_high": 0.2, "ppo_epochs": 1, "minibatches": 1},
     }

@@ -3,11 +3,13 @@ trainer's own forward. Greedy tokens equal; sampled log-probs are those of the d
 from (temperature, top-k); padded vocabulary rows are never sampled; seeds reproduce; after an
 in-place weight sync (full weights, and LoRA merged) the engine's log-probs equal the trainer's."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from posttrain.model.export import inference_state_dict
-from posttrain.workflow.rollout import EngineConfig, HFEngine, Sampling, VLLMEngine
+from posttrain.workflow.rollout import EngineConfig, HFEngine, Sampling, VLLMEngine, start_engine
 
 from conftest import load_padded
 
@@ -334,6 +336,40 @@ def test_fast_decoder_equals_the_models_own_forward(family, padded_dir, tiny_lla
         a, b = sample(model, prompts, fast=True, **kw), sample(model, prompts, fast=False, **kw)
         assert [r[0] for r in a] == [r[0] for r in b]
         assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[1], rb[1])) < 1e-5
+
+
+def test_compiled_decode_steps_sample_what_eager_ones_do(padded_dir, tok, prompts):
+    """`sample(..., compiled=True)` (the HF engine's `compile`): decode steps through torch.compile over
+    the whole KV buffers, rows that stop kept in the batch. The same tokens as eager decoding, greedy
+    and sampled, with stop ids that end some rows early (cut at the stop as eager ones are), and the
+    same log-probs to float rounding; through the engine too. vLLM refuses the key."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model import decode
+    from posttrain.model.decode import register_attention, sample
+
+    model = AutoModelForCausalLM.from_pretrained(padded_dir, dtype=torch.float32, attn_implementation=register_attention()).eval()
+    decode._STEP.clear()
+    base = dict(n=3, max_new_tokens=10, vocab=len(tok), pad=tok.pad_token_id, top_k=5, seed=4)
+    free = sample(model, prompts, stops=[], temperature=0.8, **base)
+    stops = sorted({free[i][0][2] for i in range(0, len(free), 2)})  # some rows stop early
+    for temperature in (0.0, 0.8):
+        kw = dict(base, stops=stops, temperature=temperature)
+        a, b = sample(model, prompts, **kw), sample(model, prompts, compiled=True, **kw)
+        assert decode._STEP  # the compiled step ran
+        assert [r[0] for r in a] == [r[0] for r in b] and [r[2] for r in a] == [r[2] for r in b]
+        assert any(r[2] for r in a) and (temperature == 0 or len({len(r[0]) for r in a}) > 1)  # rows ended apart
+        assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[1], rb[1])) < 1e-5
+    s = Sampling(temperature=0.8, top_k=5, max_new_tokens=10)
+    eager = start_engine(EngineConfig(engine="hf"), padded_dir, tok, dtype=torch.float32, device=torch.device("cpu"),
+                         max_model_len=64, seed=0, scratch=Path("."))
+    compiled = start_engine(EngineConfig(engine="hf", compile=True), padded_dir, tok, dtype=torch.float32,
+                            device=torch.device("cpu"), max_model_len=64, seed=0, scratch=Path("."))
+    assert compiled.compiled
+    a, b = eager.generate(prompts, s, n=3, seed=7), compiled.generate(prompts, s, n=3, seed=7)
+    assert [[c.ids for c in g] for g in a] == [[c.ids for c in g] for g in b]
+    with pytest.raises(ValueError, match="compile: true is for the hf engine"):
+        EngineConfig(engine="vllm", compile=True)
 
 
 def test_fast_decoder_leaves_other_families_to_the_models_forward(tiny_gemma3, tiny_qwen3_moe):
