@@ -190,7 +190,7 @@ class FastForward:
         `mask` [rows, cached + T] marks real (1) and padding (0) keys, as for the model's forward."""
         rows, T = ids.shape
         end = mask.shape[1]
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        KV, D = self.kv_heads, self.head_dim
         if not self.k:
             self.k = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
             self.v = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
@@ -204,6 +204,33 @@ class FastForward:
             q_at = torch.arange(end - T, end, device=ids.device)[:, None]
             k_at = torch.arange(end, device=ids.device)[None, :]
             keys = keys & (k_at <= q_at) | (k_at == q_at)
+
+        def kv(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.k[i][:, :, end - T : end] = k
+            self.v[i][:, :, end - T : end] = v
+            return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+        return self._logits(ids, pos, keys, kv)
+
+    def _decode(self, ids: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
+        """One decode step (T = 1) over the whole KV buffers: `keys` [rows, 1, 1, capacity] marks the
+        real keys written so far, `at` [1] the position this step writes. The same arithmetic as
+        `__call__`, in shapes that do not change from step to step, so that torch.compile builds it
+        once (the buffers' unwritten positions are masked, as padding is)."""
+
+        def kv(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ks[i].index_copy_(2, at, k)
+            vs[i].index_copy_(2, at, v)
+            return ks[i], vs[i]
+
+        return self._logits(ids, pos, keys, kv)
+
+    def _logits(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, kv) -> torch.Tensor:
+        """The decoder over the newest tokens `ids` [rows, T] at positions `pos`, attending where `keys`
+        says; `kv(layer, k, v)` stores a layer's new keys and values [rows, KV, T, D] and returns those
+        to attend to. Logits of the last position of every row."""
+        rows, T = ids.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [rows, 1, T, D]
         x = self.embed(ids)
         for i, (n1, qkv, qkv_b, qn, kn, o, n2, gu, gu_b, down, scale) in enumerate(self.layers):
@@ -211,36 +238,12 @@ class FastForward:
             if qn is not None:
                 q, k = _rms(q, qn), _rms(k, kn)
             q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-            self.k[i][:, :, end - T : end] = k
-            self.v[i][:, :, end - T : end] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=keys, scale=scale,
-                                               enable_gqa=KV != H)
+            keys_i, values_i = kv(i, k, v.transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=keys, scale=scale, enable_gqa=KV != H)
             x = x + o(a.transpose(1, 2).reshape(rows, T, H * D))
             g, u = F.linear(_rms(x, n2), gu, gu_b).split([self.inter, self.inter], -1)
             x = x + down(F.silu(g) * u)
         return self.head(_rms(x[:, -1:], self.final_norm))[:, -1]
-
-    def _decode(self, ids: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
-        """One decode step (T = 1) over the whole KV buffers: `keys` [rows, 1, 1, capacity] marks the
-        real keys written so far, `at` [1] the position this step writes. The same arithmetic as
-        `__call__`, in shapes that do not change from step to step, so that torch.compile builds it
-        once (the buffers' unwritten positions are masked, as padding is)."""
-        rows = ids.shape[0]
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-        x = self.embed(ids)
-        for i, (n1, qkv, qkv_b, qn, kn, o, n2, gu, gu_b, down, scale) in enumerate(self.layers):
-            q, k, v = F.linear(_rms(x, n1), qkv, qkv_b).view(rows, 1, H + 2 * KV, D).split([H, KV, KV], 2)
-            if qn is not None:
-                q, k = _rms(q, qn), _rms(k, kn)
-            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-            ks[i].index_copy_(2, at, k)
-            vs[i].index_copy_(2, at, v.transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=keys, scale=scale, enable_gqa=KV != H)
-            x = x + o(a.transpose(1, 2).reshape(rows, 1, H * D))
-            g, u = F.linear(_rms(x, n2), gu, gu_b).split([self.inter, self.inter], -1)
-            x = x + down(F.silu(g) * u)
-        return self.head(_rms(x, self.final_norm))[:, -1]
 
     def repeat(self, n: int) -> None:
         self.k = [t.repeat_interleave(n, 0) for t in self.k]
