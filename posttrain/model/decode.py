@@ -17,8 +17,10 @@ whatever the batch holds, so the rows that go on sample exactly what they would 
 With `compiled=True` (the HF engine's `compile`), FastForward's decode steps run through one
 torch.compile'd function over the whole KV buffers (their unwritten positions masked), whose shapes do
 not change from step to step; rows that stop then stay in the batch. The benchmark's generation (8
-prompts x 8 samples x 32 tokens, the demo model, interleaved A/B of 8 calls): 141 instead of 194 ms,
-the same tokens, log-probs within 1e-6; the first call compiles (~10 s on 2 CPU cores).
+prompts x 8 samples x 32 tokens, the demo model, interleaved A/Bs of 8-10 calls): 138 instead of 193 ms,
+the same tokens, log-probs within 1e-6; the first call compiles (~7-10 s on 2 CPU cores). Its
+attention is two batched matmuls and a softmax (`_one_query_attention`): compiled, 139 ms against 153
+with the CPU flash kernel.
 
 Attention: `ATTN`, SDPA with grouped-query heads passed to the kernel as they are. transformers'
 `sdpa` repeats every cached K/V head for a GQA model whenever there is a padding mask (needed for
@@ -223,9 +225,9 @@ class FastForward:
             vs[i].index_copy_(2, at, v)
             return ks[i], vs[i]
 
-        return self._logits(ids, pos, keys, kv)
+        return self._logits(ids, pos, keys, kv, attend=_one_query_attention)
 
-    def _logits(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, kv) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, kv, attend=None) -> torch.Tensor:
         """The decoder over the newest tokens `ids` [rows, T] at positions `pos`, attending where `keys`
         says; `kv(layer, k, v)` stores a layer's new keys and values [rows, KV, T, D] and returns those
         to attend to. Logits of the last position of every row."""
@@ -239,7 +241,10 @@ class FastForward:
                 q, k = _rms(q, qn), _rms(k, kn)
             q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
             keys_i, values_i = kv(i, k, v.transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=keys, scale=scale, enable_gqa=KV != H)
+            if attend is not None:
+                a = attend(q, keys_i, values_i, keys, scale)
+            else:
+                a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=keys, scale=scale, enable_gqa=KV != H)
             x = x + o(a.transpose(1, 2).reshape(rows, T, H * D))
             g, u = F.linear(_rms(x, n2), gu, gu_b).split([self.inter, self.inter], -1)
             x = x + down(F.silu(g) * u)
@@ -254,6 +259,19 @@ class FastForward:
         self.v = [t.index_select(0, rows) for t in self.v]
 
 
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query per row, q [rows, H, 1, D], over k, v [rows, KV, L, D] where `keys`
+    [rows, 1, 1, L] is true, as two batched matmuls and a softmax: query head h reads key/value head
+    h // (H / KV), as SDPA's enable_gqa does. Compiled, a generation of the benchmark's took 139 ms
+    with it against 153 with SDPA (the CPU flash kernel, ~0.2 ms a call for one query)."""
+    rows, H, T, D = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(rows, KV, H // KV * T, D)
+    s = (qg @ k.transpose(-1, -2)) * scale  # [rows, KV, G, L]
+    s = s.masked_fill(~keys, float("-inf"))
+    return (s.softmax(-1) @ v).reshape(rows, H, T, D)
+
+
 # Compiled decode steps (`sample(..., compiled=True)`): KV buffers of a multiple of this many positions,
 # so calls whose prompts differ a little in width share one compiled step
 CAPACITY_STEP = 64
@@ -262,7 +280,7 @@ _STEP: list = []
 
 def _compiled_step():
     """`FastForward._decode` compiled once per process, for static shapes: symbolic ones made the step
-    slower than eager here (215 vs 189 ms per generation; static 141). torch compiles it again for each
+    slower than eager here (215 vs 189 ms per generation; static 141, with SDPA). torch compiles it again for each
     new (rows, capacity), which sample() keeps few: its rows stay in the batch when they stop, and
     capacities are rounded up to CAPACITY_STEP."""
     if not _STEP:

@@ -338,11 +338,12 @@ def test_fast_decoder_equals_the_models_own_forward(family, padded_dir, tiny_lla
         assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[1], rb[1])) < 1e-5
 
 
-def test_compiled_decode_steps_sample_what_eager_ones_do(padded_dir, tok, prompts):
+def test_compiled_decode_steps_sample_what_eager_ones_do(padded_dir, tok, prompts, tiny_llama):
     """`sample(..., compiled=True)` (the HF engine's `compile`): decode steps through torch.compile over
     the whole KV buffers, rows that stop kept in the batch. The same tokens as eager decoding, greedy
     and sampled, with stop ids that end some rows early (cut at the stop as eager ones are), and the
-    same log-probs to float rounding; through the engine too. vLLM refuses the key."""
+    same log-probs to float rounding; through the engine too; Llama too (no q/k norms). vLLM refuses
+    the key."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.model import decode
@@ -368,6 +369,10 @@ def test_compiled_decode_steps_sample_what_eager_ones_do(padded_dir, tok, prompt
     assert compiled.compiled
     a, b = eager.generate(prompts, s, n=3, seed=7), compiled.generate(prompts, s, n=3, seed=7)
     assert [[c.ids for c in g] for g in a] == [[c.ids for c in g] for g in b]
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=register_attention()).eval()
+    kw = dict(n=2, max_new_tokens=8, vocab=llama.config.vocab_size, stops=[], pad=0, temperature=0.0)
+    a, b = sample(llama, prompts, **kw), sample(llama, prompts, compiled=True, **kw)
+    assert [r[0] for r in a] == [r[0] for r in b]
     with pytest.raises(ValueError, match="compile: true is for the hf engine"):
         EngineConfig(engine="vllm", compile=True)
 
