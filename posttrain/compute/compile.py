@@ -83,8 +83,8 @@ def compile_layers(model: torch.nn.Module, say: Callable[[str], None]) -> None:
 def _tail_parts(model: torch.nn.Module, layer: torch.nn.Module | None) -> list[torch.nn.Module]:
     """The pruned last layer's modules that run whole whatever rows they get (its two norms and its MLP),
     and the decoder's final norm; none without a pruned layer. Not the q/k norms inside its attention
-    (Qwen3): compiled on their own as well they were slower in the A/B below, each compiled region
-    costing its guards and autograd wrapper per call."""
+    (Qwen3): compiled on their own too, they made the step slower in the A/B of this module's
+    docstring, each compiled region costing its guards and autograd wrapper per call."""
     if layer is None:
         return []
     parts = [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, getattr(unwrap(model).get_decoder(), "norm", None)]
