@@ -51,13 +51,14 @@ def backend_problem(device: torch.device) -> str | None:
     return None
 
 
-def usable(device: torch.device, say: Callable[[str], None]) -> bool:
-    """Whether layers can be compiled on `device`; if not, say why (training continues eager)."""
+def usable(device: torch.device, say: Callable[[str], None], key: str = "compute.compile",
+           instead: str = "training runs eager") -> bool:
+    """Whether code can be compiled on `device` for the setting `key`; if not, say why and what runs
+    `instead` (eager)."""
     problem = backend_problem(device)
     if problem is not None:
-        say(f"[yellow]compute.compile: torch.compile cannot build code on {device.type} here ({problem}); "
-            "training runs eager. On CPU inductor needs a C++ compiler (g++ or clang++ on PATH, or CXX); on GPU, "
-            "Triton. Set compute.compile: false to skip this check.[/yellow]")
+        say(f"{key}: torch.compile cannot build code on {device.type} here ({problem}); {instead}. On CPU inductor "
+            f"needs a C++ compiler (g++ or clang++ on PATH, or CXX); on GPU, Triton. Set {key}: false to skip this check.")
     return problem is None
 
 

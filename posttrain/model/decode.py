@@ -304,11 +304,9 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     for i, p in enumerate(prompts):
         mask[i, width - len(p):] = 1  # the prompt, and every generated position
     pos = (mask[:, :width].cumsum(-1) - 1).clamp_(min=0)
-    if fast and fast_supported(model):
-        forward = FastForward(model, width + max_new_tokens, compiled=compiled)
-    else:
-        forward = HFForward(model, width + max_new_tokens)
-    drop = not getattr(forward, "compiled", False)  # a compiled step keeps its shapes
+    fast = fast and fast_supported(model)
+    forward = FastForward(model, width + max_new_tokens, compiled=compiled) if fast else HFForward(model, width + max_new_tokens)
+    drop = not (fast and compiled)  # a compiled step keeps its shapes
     logits = forward(ids, mask[:, :width], pos)
     if n > 1:  # the n samples of a prompt share its prefill
         forward.repeat(n)

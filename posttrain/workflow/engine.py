@@ -238,7 +238,8 @@ class Engine:
             "the GPU table" if self.device.type == "cuda" and gpu_peak(torch.cuda.get_device_name(self.device), self.dtype)
             else "measured")
         self.mfu_unreliable = False  # see _plausible_peak
-        self.compiled = cfg.compute.compile and compile_usable(self.device, self.say)  # probed once per run
+        # probed once per run
+        self.compiled = cfg.compute.compile and compile_usable(self.device, lambda m: self.say(f"[yellow]{m}[/yellow]"))
         if self.compiled:
             compile_layers(self.model, self.say)
         self.root = self._shard(self.model)

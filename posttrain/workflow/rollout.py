@@ -230,14 +230,11 @@ class HFEngine:
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: torch.dtype, device: torch.device, compile: bool = False):
         from transformers import AutoModelForCausalLM
 
-        from ..compute.compile import backend_problem
+        from ..compute.compile import usable
         from ..model.decode import register_attention
 
-        self.compiled = compile
-        if compile and (problem := backend_problem(device)) is not None:
-            warnings.warn(f"rollout compile: torch.compile cannot build code on {device.type} here ({problem}); the HF "
-                          "engine decodes eager (on CPU inductor needs a C++ compiler: g++ or clang++ on PATH, or CXX)", stacklevel=2)
-            self.compiled = False
+        self.compiled = compile and usable(device, lambda m: warnings.warn(m, stacklevel=3), key="rollout.compile",
+                                           instead="the HF engine decodes eager")
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=register_attention()).to(device).eval()
         self.tokenizer, self.device, self.eos = tokenizer, device, eos_ids(tokenizer, model_dir)
