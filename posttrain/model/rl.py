@@ -123,19 +123,23 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logps(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, temperature: float = 1.0,
-                     entropy: bool = False, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     entropy: bool | Literal["metric"] = False, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log-probs [N] of the batch's targets (the completion tokens) under softmax(logits / T), the
     distribution the rollout engine sampled from, over the real vocabulary; and with `entropy`, the
-    entropy [N] of that distribution at each position. Chunked head, fp32."""
+    entropy [N] of that distribution at each position (`"metric"`: without a gradient, for logging
+    only, so the backward does not go through it). Chunked head, fp32."""
     hidden, targets = target_hidden(model, batch, vocab_size)
     t = float(temperature) if temperature and temperature > 0 else 1.0
 
     def rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lp = torch.log_softmax(logits / t, dim=-1)
         picked = lp.gather(1, y[:, None])
-        return torch.cat([picked, -(lp.exp() * lp).sum(-1, keepdim=True)], dim=1) if entropy else picked
+        if not entropy:
+            return picked
+        p = lp.detach() if entropy == "metric" else lp
+        return torch.cat([picked, -(p.exp() * p).sum(-1, keepdim=True)], dim=1)
 
     out = chunked_apply(model, hidden, rows, vocab_size=vocab_size, chunk_tokens=chunk_tokens, extras=(targets,), cat=True)
     if out.dim() == 1:  # no targets
         out = out.view(0, 2 if entropy else 1)
-    return out[:, 0], (out[:, 1] if entropy else None)
+    return out[:, 0], (None if not entropy else out[:, 1].detach() if entropy == "metric" else out[:, 1])

@@ -107,7 +107,7 @@ def run(cfg: JobConfig, run_dir: Path) -> dict:
                     tokens = step.total(lambda b: count_targets(b["labels"]) * b["weight"] * mine(b))
                     seqs = step.total(lambda b: len(b["doc_lens"]) * b["weight"] * mine(b))
                     for b in filter(mine, step.micro):
-                        logp, entropy = job.forward(completion_logps, b, **lp, entropy=c.entropy_coef > 0 or epoch == 0)
+                        logp, entropy = job.forward(completion_logps, b, **lp, entropy=True if c.entropy_coef else "metric" if epoch == 0 else False)
                         doc, n_docs = target_doc_index(b), len(b["doc_lens"])
                         old = b["old_logp"] if updates > 1 else logp.detach()
                         adv = b["advantages"][doc]

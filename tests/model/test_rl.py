@@ -207,3 +207,20 @@ def test_completion_logps_equal_hf_forward_at_temperature(tiny_qwen3, temperatur
             want_ent += (-(logp.exp() * logp).sum(-1)).tolist()
     assert torch.allclose(lp.detach(), torch.tensor(want_lp), atol=1e-5)
     assert torch.allclose(ent.detach(), torch.tensor(want_ent), atol=1e-5)
+    # entropy as a metric only: the same values, and the backward does not go through them
+    model.config._attn_implementation = "posttrain_packed"
+    lp_m, ent_m = completion_logps(model, batch, V, temperature=temperature, entropy="metric")
+    assert lp_m.requires_grad and not ent_m.requires_grad
+    assert torch.equal(lp_m.detach(), lp.detach()) and torch.equal(ent_m, ent.detach())
+    assert "ExpBackward0" in _graph_nodes(lp.grad_fn) and "ExpBackward0" not in _graph_nodes(lp_m.grad_fn)
+
+
+def _graph_nodes(fn) -> set[str]:
+    """Names of the autograd nodes reachable from `fn`."""
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo += [g for g, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
