@@ -200,7 +200,7 @@ class FastForward:
             keys = torch.zeros(rows, 1, 1, self.capacity, dtype=torch.bool, device=ids.device)
             keys[..., :end] = mask[:, None, None, :].bool()
             at = torch.tensor([end - 1], device=ids.device)
-            return _compiled_step(ids.device)(self, ids, keys, pos, at, self.k, self.v)
+            return _compiled(FastForward._decode, ids.device)(self, ids, keys, pos, at, self.k, self.v)
         keys = mask[:, None, None, :].bool()
         if T > 1:  # causal over the newest T; a padding query attends to itself (never to nothing: NaN)
             q_at = torch.arange(end - T, end, device=ids.device)[:, None]
@@ -275,23 +275,44 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
 # Compiled decode steps (`sample(..., compiled=True)`): KV buffers of a multiple of this many positions,
 # so calls whose prompts differ a little in width share one compiled step
 CAPACITY_STEP = 64
-_STEP: dict = {}  # device type -> the compiled step
+_STEP: dict = {}  # (function, device type) -> compiled
 
 
-def _compiled_step(device: torch.device):
-    """`FastForward._decode` compiled once per process and device type, for static shapes: symbolic
-    ones made the step slower than eager here (215 vs 189 ms per generation; static 141, with SDPA).
-    torch compiles it again for each new (rows, capacity), which sample() keeps few: its rows stay in
-    the batch when they stop, and capacities are rounded up to CAPACITY_STEP.
+def _compiled(fn, device: torch.device):
+    """`fn` (`FastForward._decode`, `_pick`) compiled once per process and device type, for static
+    shapes: symbolic ones made the decode step slower than eager here (215 vs 189 ms per generation;
+    static 141, with SDPA). torch compiles it again for each new (rows, capacity), which sample()
+    keeps few: its rows stay in the batch when they stop, and capacities are rounded up to
+    CAPACITY_STEP.
 
     On CPU with inductor's C++ wrapper: the compiled step's own code (a few dozen kernel calls and
     buffer allocations per step) runs as C++ instead of Python. A generation of the benchmark's
     (8 prompts x 8 x 32 tokens, the demo model, interleaved in-process A/B): 143 vs 156 ms; its first
     compile takes ~8 s instead of ~3."""
-    if device.type not in _STEP:
+    key = (fn.__name__, device.type)
+    if key not in _STEP:
         options = {"cpp_wrapper": True} if device.type == "cpu" else None
-        _STEP[device.type] = torch.compile(FastForward._decode, dynamic=False, options=options)
-    return _STEP[device.type]
+        _STEP[key] = torch.compile(fn, dynamic=False, options=options)
+    return _STEP[key]
+
+
+def _pick(logits: torch.Tensor, u: torch.Tensor | None, vocab: int, temperature: float, top_k: int, top_p: float):
+    """The next token [rows, 1] of every row and its log-prob [rows, 1] under the distribution it was
+    drawn from, over the real vocabulary: the most likely one (temperature 0; log-prob at T = 1), or by
+    inverse CDF at the uniforms `u` [rows, 1] (multinomial draws one exponential per vocabulary entry):
+    a zero-probability id is never the first cdf entry above u, and u rounded up to the total
+    (searchsorted past the end) takes the most likely id."""
+    x = logits[:, :vocab].float()
+    if temperature == 0:
+        logp = torch.log_softmax(x, -1)
+        tok = x.argmax(-1, keepdim=True)
+    else:
+        logp = torch.log_softmax(process_logits(x, temperature, top_k, top_p), -1)
+        probs = logp.exp()
+        cdf = probs.cumsum(-1)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        tok = torch.where(tok < vocab, tok, probs.argmax(-1, keepdim=True))
+    return tok, logp.gather(1, tok)
 
 
 @torch.inference_mode()
@@ -327,24 +348,14 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     rows = torch.arange(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = max_new_tokens
+    pick = _compiled(_pick, device) if fast and compiled else _pick
     for t in range(max_new_tokens):
-        x = logits[:, :vocab].float()
-        if temperature == 0:
-            logp = torch.log_softmax(x, -1)
-            tok = x.argmax(-1, keepdim=True)
-        else:
-            logp = torch.log_softmax(process_logits(x, temperature, top_k, top_p), -1)
-            # inverse CDF: one uniform per row (multinomial draws one exponential per vocabulary entry);
-            # a zero-probability id is never the first cdf entry above u; u rounded up to the total
-            # (searchsorted past the end) takes the most likely id. Drawn for all B rows every step, so a
-            # row gets the same draws whichever rows were dropped.
-            probs = logp.exp()
-            cdf = probs.cumsum(-1)
-            u = torch.rand(B, 1, device=device, generator=gen)[rows] * cdf[:, -1:]
-            tok = torch.searchsorted(cdf, u, right=True)
-            tok = torch.where(tok < vocab, tok, probs.argmax(-1, keepdim=True))
+        # one uniform per row for the inverse CDF, drawn for all B rows every step, so a row gets the
+        # same draws whichever rows were dropped
+        u = torch.rand(B, 1, device=device, generator=gen)[rows] if temperature else None
+        tok, lp = pick(logits, u, vocab, temperature, top_k, top_p)
         toks[rows, t] = tok[:, 0]
-        lps[rows, t] = logp.gather(1, tok)[:, 0]
+        lps[rows, t] = lp[:, 0]
         done[rows] |= torch.isin(tok[:, 0], stop)
         if t + 1 == max_new_tokens or bool(done.all()):
             steps = t + 1
