@@ -16,9 +16,11 @@ whatever the batch holds, so the rows that go on sample exactly what they would 
 
 With `compiled=True` (the HF engine's `compile`), FastForward's decode steps run through one
 torch.compile'd function over the whole KV buffers (their unwritten positions masked), whose shapes do
-not change from step to step; rows that stop then stay in the batch. The benchmark's generation (8
-prompts x 8 samples x 32 tokens, the demo model, interleaved A/Bs of 8-10 calls): 138 instead of 193 ms,
-the same tokens, log-probs within 1e-6; the first call compiles (~7-10 s on 2 CPU cores). Its
+not change from step to step; rows that stop then stay in the batch. The choice of the next token
+(`_pick`) is compiled too, and on CPU both use inductor's C++ wrapper. The benchmark's generation (8
+prompts x 8 samples x 32 tokens, the demo model, interleaved A/Bs of 8-16 calls): 138 instead of 193 ms
+(session 12), then 143 vs 156 with the C++ wrapper and 138.5 vs 140.6 with `_pick` compiled (session
+13); the same tokens, log-probs within 1e-6; the first call compiles (~8-12 s on 2 CPU cores). Its
 attention is two batched matmuls and a softmax (`_one_query_attention`): compiled, 139 ms against 153
 with the CPU flash kernel.
 
