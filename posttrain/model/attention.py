@@ -46,10 +46,8 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]
 
 
 def bucket_length(n: int) -> int:
-    """Documents are batched by length rounded up to 4 buckets per octave (a few SDPA calls per row
-    instead of one per distinct length; 5-16 tokens share 16); a bucket is then padded only to its
-    longest document (at most ~25% extra positions). GRPO rows' roots (prompt + completion, ~50 tokens)
-    padded to 50 instead of 56: one layer's attention fwd + bwd 7.6 vs 8.5 ms."""
+    """Documents are batched by length rounded up to 4 buckets per octave (at most ~25% extra
+    positions, a few SDPA calls per row instead of one per distinct length); 5-16 tokens share 16."""
     if n <= 16:
         return 16 if n > 4 else n
     q = 1 << (n.bit_length() - 3)  # a quarter of the octave's base
@@ -90,9 +88,7 @@ def _plans(position_ids: torch.Tensor) -> list:
             buckets.setdefault((p > 0, bucket_length(p + e - s)), []).append(seg)
 
         shapes, q_idx, kv_idx, out_index, base = [], [], [], [0] * row_len, 0
-        for (branch, _), docs in buckets.items():
-            # a bucket is as wide as its longest document (its key only groups similar lengths)
-            width = max(p + e - s for s, e, _, p in docs)
+        for (branch, width), docs in buckets.items():
             q_width = max(e - s for s, e, _, _ in docs) if branch else width
             for j, (s, e, root, p) in enumerate(docs):
                 kv_idx += _padded(list(range(root, root + p)) + list(range(s, e)), e, width, row_len)
