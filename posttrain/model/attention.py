@@ -5,8 +5,9 @@ sdpa path turns that into a dense T x T block-diagonal mask and computes every s
 packing short documents pays for attention between documents it then masks away (measured with TRL
 on CPU: packing slower than padding on low-skew data). `packed_sdpa` instead runs SDPA per
 document, batching documents of similar length together (right-padded to a shared bucket width),
-with `is_causal=True` and no mask: the same
-result as the dense-mask path for a fraction of the work. On GPU use flash_attention_2/3 (varlen)
+with `is_causal=True` and no mask (a prefix-shared branch: its own queries over its root's prefix and
+its own keys, under a causal mask aligned to the end): the same result as the dense-mask path for a
+fraction of the work. On GPU use flash_attention_2/3 (varlen)
 or flex_attention, which do the same natively.
 
 Registered with transformers' AttentionInterface as `posttrain_packed`, so any model family that
