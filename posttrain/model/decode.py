@@ -334,8 +334,9 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
         mask[i, width - len(p):] = 1  # the prompt, and every generated position
     pos = (mask[:, :width].cumsum(-1) - 1).clamp_(min=0)
     fast = fast and fast_supported(model)
+    compiled = fast and compiled  # only FastForward's steps compile
     forward = FastForward(model, width + max_new_tokens, compiled=compiled) if fast else HFForward(model, width + max_new_tokens)
-    drop = not (fast and compiled)  # a compiled step keeps its shapes
+    drop = not compiled  # a compiled step keeps its shapes
     logits = forward(ids, mask[:, :width], pos)
     if n > 1:  # the n samples of a prompt share its prefill
         forward.repeat(n)
@@ -350,7 +351,7 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     rows = torch.arange(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = max_new_tokens
-    pick = _compiled(_pick, device) if fast and compiled else _pick
+    pick = _compiled(_pick, device) if compiled else _pick
     for t in range(max_new_tokens):
         # one uniform per row for the inverse CDF, drawn for all B rows every step, so a row gets the
         # same draws whichever rows were dropped
