@@ -351,9 +351,14 @@ def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, p
 
     try:
         full = _render(tok, messages, tools, kw)
+        # With {% generation %} markers transformers' own mask is needed; otherwise tokenize=True would
+        # only tokenize a second render the same way as `tok(full, ...)` below (apply_chat_template
+        # calls `self(rendered, add_special_tokens=False)`), so a second render, ~10x cheaper than a
+        # tokenization, checks the same thing: that the template renders deterministically.
         out = tok.apply_chat_template(
-            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=gen, **kw
-        )
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kw
+        ) if gen else None
+        again = _render(tok, messages, tools, kw) if not gen else full
     except ChatTemplateError:
         raise
     except Exception as e:  # jinja TemplateError (raise_exception), TypeError on content type, ...
@@ -361,14 +366,14 @@ def _encode_chat(tok, messages: list[dict], train: list[int], tools, kw: dict, p
             f"template {info.name}: cannot render this conversation ({type(e).__name__}: {e}); "
             "check the roles and content format the template accepts (system role, list-of-parts content)"
         ) from e
-    ids = list(out["input_ids"])
     try:
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:
         raise ChatTemplateError(
             f"template {info.name}: assistant masks need offset mappings; load a fast tokenizer (use_fast=True)"
         ) from e
-    if list(enc["input_ids"]) != ids:
+    ids = list(enc["input_ids"])
+    if again != full or (out is not None and list(out["input_ids"]) != ids):
         raise ChatTemplateError(
             f"template {info.name}: tokenizing the rendered text (add_special_tokens=False) does not give "
             "apply_chat_template's ids (the render is not deterministic, e.g. it changed between calls); "
@@ -666,8 +671,8 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut
             hows.append(kind)
             continue
         a, b = _tokens_overlapping(offsets, start, end)
+        eot_expected = _span_has_special(info, ids, offsets, range(a, b), start, end) or _text_has_special(tok, info, diff)
         a, b, has_eot = _trim_to_eot(info, messages[i], full, ids, offsets, a, b)
-        eot_expected = _text_has_special(tok, info, diff)
         _verify(info, messages[i], i, full, offsets, a, b, eot_expected, has_eot, how, prompt_given=True)
         spans.append((a, b))
         hows.append(kind)
@@ -696,6 +701,15 @@ def _locate_turn_end(info, full, ids, offsets, start, pieces, others) -> int | N
         if s >= pos and ids[t] in info.special_ids:
             return e
     return None
+
+
+def _span_has_special(info, ids, offsets, tokens: range, start: int, end: int) -> bool:
+    """Whether one of `tokens` (those overlapping chars [start, end) of the tokenized text) is a special
+    token lying wholly in [start, end). Then that text
+    tokenized alone has it too (special tokens are matched in the raw text before any other splitting),
+    so `_text_has_special` of a span of the full render needs no tokenization of its own when this
+    says yes: every assistant turn of a template with end-of-turn markers."""
+    return any(ids[t] in info.special_ids and start <= offsets[t][0] and offsets[t][1] <= end for t in tokens)
 
 
 def _text_has_special(tok, info, text: str) -> bool:

@@ -263,6 +263,8 @@ THINK = [
      r"reasoning of assistant turn 1 is dropped"),
     ("no_eot", NO_EOT, CONV, r"not closed by any special token"),
     ("gen_last_only", GEN_LAST_ONLY, CONV, r"generation %\} spans \(1\) do not match the assistant turns \(2\)"),
+    # a render that changes between calls (the clock's microseconds; two renders are >10 us apart)
+    ("clock", "{{ strftime_now('%f') }}" + CHATML_TEMPLATE, CONV, r"the render is not deterministic"),
 ])
 def test_template_errors(tok_dir, name, template, messages, match):
     tok = _load(tok_dir, name, template)
