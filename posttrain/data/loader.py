@@ -182,7 +182,7 @@ class DataLoader:
         self.cfg, self.pad_id, self.background = cfg, tokenizer.pad_token_id, background
         self.stream = SampleStream(cfg, tokenizer, seed=seed, rank=rank, world_size=world_size, encode=encode)
         self.buffer: list[Sample] = []
-        self.wait_s = 0.0  # time the consumer spent blocked on data
+        self.wait_s = 0.0  # time the consumer spent blocked on data (or making it, without the thread)
         self._state = self._snapshot()
         self._thread: threading.Thread | None = None
         self._q: queue.Queue | None = None
@@ -245,8 +245,10 @@ class DataLoader:
         if self._ended:
             raise StopIteration
         if not self.background:
+            t0 = time.perf_counter()
             batch = self._produce()
             self._state = self._snapshot()
+            self.wait_s += time.perf_counter() - t0  # made in this thread: all of it is waited for
             if batch is None:
                 self._ended = True
                 raise StopIteration

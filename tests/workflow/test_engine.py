@@ -81,3 +81,32 @@ def test_a_recipe_that_never_updates_is_stopped(tiny_qwen3, data, tmp_path):
     job = job_dict(tiny_qwen3, data, tmp_path / "r", recipe=f"{__file__}:forgetful_recipe")
     with pytest.raises(RuntimeError, match=r"did not call step.update\(\) in step 1"):
         run_job(JobConfig.model_validate(job))
+
+
+@pytest.mark.parametrize("device,threads,world,setting,expect", [
+    ("cpu", 2, 1, None, False),  # torch's threads on both cores: the batch is made between steps
+    ("cpu", 1, 2, None, False),  # two workers of one thread each
+    ("cpu", 1, 1, None, True),  # a core left for the loader thread
+    ("cuda", 2, 1, None, True),  # the host cores wait on the GPU
+    ("cpu", 2, 1, True, True),  # data.background wins either way
+    ("cuda", 2, 1, False, False),
+])
+def test_the_loader_thread_runs_only_where_a_core_is_free(monkeypatch, device, threads, world, setting, expect):
+    from types import SimpleNamespace
+
+    from posttrain.workflow import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    job = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(background=setting)), device=torch.device(device), world=world)
+    assert Engine._background(job) is expect
+
+
+def test_a_batch_made_in_the_training_thread_counts_as_data_wait(tmp_path, tiny_qwen3):
+    from posttrain.data.loader import DataLoader
+    from posttrain.data.tokenizer import load_tokenizer
+
+    cfg = JobConfig(**job_dict(tiny_qwen3, DEMO_DATA, tmp_path / "run"))
+    loader = DataLoader(cfg.data, load_tokenizer(cfg.model), seed=0, background=False)
+    next(loader)
+    assert loader.wait_s > 0
