@@ -611,7 +611,9 @@ def _prefix_spans(tok, info, messages, train, tools, kw, full, ids, offsets, cut
             )
         try:
             p = _render(tok, messages[:i], tools, kw, add_generation_prompt=True)
-            q = _render(tok, messages[: i + 1], tools, kw)
+            # the conversation ending at its last message is the full render (already checked to render
+            # deterministically, or the capped path's own render)
+            q = full if i == len(messages) - 1 else _render(tok, messages[: i + 1], tools, kw)
         except Exception as e:
             raise ChatTemplateError(
                 f"template {info.name}: cannot render the conversation prefix up to assistant turn {i} "
