@@ -17,7 +17,9 @@ whatever the batch holds, so the rows that go on sample exactly what they would 
 With `compiled=True` (the HF engine's `compile`), FastForward's decode steps run through one
 torch.compile'd function over the whole KV buffers (their unwritten positions masked), whose shapes do
 not change from step to step; rows that stop then stay in the batch. The choice of the next token
-(`_pick`) is compiled too, and on CPU both use inductor's C++ wrapper. The benchmark's generation (8
+(`_pick`) is compiled too, and on CPU both use inductor's C++ wrapper. Each step but the last is one
+compiled call (`FastForward._advance`: pick, record, mark the key, decode): 102.2 vs 107.6 ms per
+generation (session 14, interleaved in-process A/B of 16 calls each; the same tokens and log-probs). The benchmark's generation (8
 prompts x 8 samples x 32 tokens, the demo model, interleaved A/Bs of 8-16 calls): 138 instead of 193 ms
 (session 12), then 143 vs 156 with the C++ wrapper and 138.5 vs 140.6 with `_pick` compiled (session
 13); the same tokens, log-probs within 1e-6; the first call compiles (~8-12 s on 2 CPU cores). Its
@@ -170,7 +172,7 @@ class FastForward:
         inner = model.model
         self.embed, self.final_norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.compiled = compiled
-        if compiled:  # static shapes: a few capacities, each compiled once (see _decode)
+        if compiled:  # static shapes: a few capacities, each compiled once (see _compiled)
             capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         cfg = model.config
         self.layers = []
@@ -198,11 +200,6 @@ class FastForward:
         if not self.k:
             self.k = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
             self.v = [self.embed.weight.new_zeros(rows, KV, self.capacity, D) for _ in self.layers]
-        if self.compiled and T == 1:
-            keys = torch.zeros(rows, 1, 1, self.capacity, dtype=torch.bool, device=ids.device)
-            keys[..., :end] = mask[:, None, None, :].bool()
-            at = torch.tensor([end - 1], device=ids.device)
-            return _compiled(FastForward._decode, ids.device)(self, ids, keys, pos, at, self.k, self.v)
         keys = mask[:, None, None, :].bool()
         if T > 1:  # causal over the newest T; a padding query attends to itself (never to nothing: NaN)
             q_at = torch.arange(end - T, end, device=ids.device)[:, None]
@@ -215,6 +212,22 @@ class FastForward:
             return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
         return self._logits(ids, pos, keys, kv)
+
+    def _advance(self, logits: torch.Tensor, u: torch.Tensor | None, t: torch.Tensor, at: torch.Tensor, pos: torch.Tensor,
+                 keys: torch.Tensor, toks: torch.Tensor, lps: torch.Tensor, done: torch.Tensor, stop: torch.Tensor,
+                 ks: list, vs: list, vocab: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+        """One step of a compiled generation, as one compiled call: token `t` [1] of every row picked
+        from `logits` (`_pick`) and recorded (`toks`, `lps` column t; `done` where it is a `stop` id),
+        then decoded at KV position `at` [1] (marked in `keys`), as position `pos + t` ([rows, 1]: the
+        rows' first generated positions). Returns the next logits. The loop around it is then one
+        uniform draw and one call a step: the bookkeeping between two compiled calls (indexing,
+        writes, the mask, the position) cost more than the compiled step's own ops."""
+        tok, lp = _pick(logits, u, vocab, temperature, top_k, top_p)
+        toks.index_copy_(1, t, tok)
+        lps.index_copy_(1, t, lp)
+        done.logical_or_(torch.isin(tok[:, 0], stop))
+        keys.index_fill_(3, at, True)
+        return self._decode(tok, keys, pos + t, at, ks, vs)
 
     def _decode(self, ids: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
         """One decode step (T = 1) over the whole KV buffers: `keys` [rows, 1, 1, capacity] marks the
@@ -281,7 +294,7 @@ _STEP: dict = {}  # (function, device type) -> compiled
 
 
 def _compiled(fn, device: torch.device):
-    """`fn` (`FastForward._decode`, `_pick`) compiled once per process and device type, for static
+    """`fn` (`FastForward._advance`, `_pick`) compiled once per process and device type, for static
     shapes: symbolic ones made the decode step slower than eager here (215 vs 189 ms per generation;
     static 141, with SDPA). torch compiles it again for each new (rows, capacity), which sample()
     keeps few: its rows stay in the batch when they stop, and capacities are rounded up to
@@ -352,10 +365,23 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = max_new_tokens
     pick = _compiled(_pick, device) if compiled else _pick
+    if compiled:  # every step but the last one call (`FastForward._advance`); every row stays in the batch
+        advance = _compiled(FastForward._advance, device)
+        keys = torch.zeros(B, 1, 1, forward.capacity, dtype=torch.bool, device=device)
+        keys[..., :width] = mask[:, None, None, :width].bool()
+        ts, ats = torch.arange(max_new_tokens, device=device), torch.arange(width, width + max_new_tokens, device=device)
+        first = pos + 1  # the rows' first generated positions
     for t in range(max_new_tokens):
         # one uniform per row for the inverse CDF, drawn for all B rows every step, so a row gets the
         # same draws whichever rows were dropped
         u = torch.rand(B, 1, device=device, generator=gen)[rows] if temperature else None
+        if compiled and t + 1 < max_new_tokens:
+            logits = advance(forward, logits, u, ts[t : t + 1], ats[t : t + 1], first, keys, toks, lps, done, stop,
+                             forward.k, forward.v, vocab, temperature, top_k, top_p)
+            if bool(done.all()):  # (its decode ran in the same call: one step of no use, at the end)
+                steps = t + 1
+                break
+            continue
         tok, lp = pick(logits, u, vocab, temperature, top_k, top_p)
         toks[rows, t] = tok[:, 0]
         lps[rows, t] = lp[:, 0]
