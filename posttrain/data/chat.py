@@ -707,10 +707,10 @@ def _locate_turn_end(info, full, ids, offsets, start, pieces, others) -> int | N
 
 def _span_has_special(info, ids, offsets, tokens: range, start: int, end: int) -> bool:
     """Whether one of `tokens` (those overlapping chars [start, end) of the tokenized text) is a special
-    token lying wholly in [start, end). Then that text
-    tokenized alone has it too (special tokens are matched in the raw text before any other splitting),
-    so `_text_has_special` of a span of the full render needs no tokenization of its own when this
-    says yes: every assistant turn of a template with end-of-turn markers."""
+    token lying wholly in [start, end). Then that text tokenized alone has it too (special tokens are
+    matched in the raw text before any other splitting), so `_text_has_special` of a span of the full
+    render needs no tokenization of its own when this says yes: every assistant turn of a template
+    with end-of-turn markers."""
     return any(ids[t] in info.special_ids and start <= offsets[t][0] and offsets[t][1] <= end for t in tokens)
 
 

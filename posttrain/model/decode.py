@@ -374,7 +374,9 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, voca
     for t in range(max_new_tokens):
         # one uniform per row for the inverse CDF, drawn for all B rows every step, so a row gets the
         # same draws whichever rows were dropped
-        u = torch.rand(B, 1, device=device, generator=gen)[rows] if temperature else None
+        u = torch.rand(B, 1, device=device, generator=gen) if temperature else None
+        if u is not None and drop:
+            u = u[rows]
         if compiled and t + 1 < max_new_tokens:
             logits = advance(forward, logits, u, ts[t : t + 1], ats[t : t + 1], first, keys, toks, lps, done, stop,
                              forward.k, forward.v, vocab, temperature, top_k, top_p)
