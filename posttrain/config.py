@@ -143,8 +143,9 @@ class DataConfig(Strict):
     buffer_size: int = Field(256, ge=1, description="tokenized samples the packer chooses from")
     background: bool | None = Field(
         None, description="prepare micro-batches (tokenization, packing) in a background thread. null: yes, except "
-        "when training on CPU with torch's threads on every core this process may use, where the thread only takes "
-        "cores from the compute threads (the batch is then made in the training thread, between steps)")
+        "when training on CPU with torch's threads on every core this process may use and every source local, where "
+        "the thread only takes cores from the compute threads (the batch is then made in the training thread, between "
+        "steps)")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead in the background")
     shuffle: bool = Field(True, description="shuffle files and windows, reshuffled every epoch from the seed")
     shuffle_window: int = Field(1024, ge=1, description="records permuted together while streaming")

@@ -83,22 +83,25 @@ def test_a_recipe_that_never_updates_is_stopped(tiny_qwen3, data, tmp_path):
         run_job(JobConfig.model_validate(job))
 
 
-@pytest.mark.parametrize("device,threads,world,setting,expect", [
-    ("cpu", 2, 1, None, False),  # torch's threads on both cores: the batch is made between steps
-    ("cpu", 1, 2, None, False),  # two workers of one thread each
-    ("cpu", 1, 1, None, True),  # a core left for the loader thread
-    ("cuda", 2, 1, None, True),  # the host cores wait on the GPU
-    ("cpu", 2, 1, True, True),  # data.background wins either way
-    ("cuda", 2, 1, False, False),
+@pytest.mark.parametrize("device,threads,world,setting,path,expect", [
+    ("cpu", 2, 1, None, "d.jsonl", False),  # torch's threads on both cores: the batch is made between steps
+    ("cpu", 1, 2, None, "d.jsonl", False),  # two workers of one thread each
+    ("cpu", 2, 1, None, "file:///d.jsonl", False),
+    ("cpu", 2, 1, None, "s3://bucket/d.jsonl", True),  # reads that wait on the network
+    ("cpu", 1, 1, None, "d.jsonl", True),  # a core left for the loader thread
+    ("cuda", 2, 1, None, "d.jsonl", True),  # the host cores wait on the GPU
+    ("cpu", 2, 1, True, "d.jsonl", True),  # data.background wins either way
+    ("cuda", 2, 1, False, "d.jsonl", False),
 ])
-def test_the_loader_thread_runs_only_where_a_core_is_free(monkeypatch, device, threads, world, setting, expect):
+def test_the_loader_thread_runs_only_where_a_core_is_free(monkeypatch, device, threads, world, setting, path, expect):
     from types import SimpleNamespace
 
     from posttrain.workflow import engine as engine_mod
 
     monkeypatch.setattr(engine_mod.torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    job = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(background=setting)), device=torch.device(device), world=world)
+    data = SimpleNamespace(background=setting, sources=[SimpleNamespace(path="local.jsonl"), SimpleNamespace(path=path)])
+    job = SimpleNamespace(cfg=SimpleNamespace(data=data), device=torch.device(device), world=world)
     assert Engine._background(job) is expect
 
 
