@@ -74,7 +74,8 @@ class Rollouts:
             t0 = time.perf_counter()
             self.engine = start_engine(engine, self.model_dir, job.tokenizer, dtype=job.dtype, device=job.device,
                                        max_model_len=cfg.data.max_seq_len, seed=cfg.train.seed, scratch=job.out.root)
-            job.say(f"rollout engine: {engine.engine} ready in {time.perf_counter() - t0:.1f} s")
+            log = getattr(self.engine, "log", None)
+            job.say(f"rollout engine: {engine.engine} ready in {time.perf_counter() - t0:.1f} s" + (f" (its output: {log})" if log else ""))
 
     # ---------------------------------------------------------------------------- phases
     @contextlib.contextmanager

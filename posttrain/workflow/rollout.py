@@ -21,9 +21,11 @@ prefix cache is reset, or prompts cached before the update keep old-weight KV.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -147,6 +149,41 @@ def _ram_dir(fallback: Path) -> str:
     return tempfile.mkdtemp(prefix="posttrain-sync-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else fallback)
 
 
+ENGINE_LOG = "rollout_engine.log"
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """This process's stdout and stderr (file descriptors 1 and 2) go to `path` within, and so do those
+    of every process started within, for their whole life: vLLM's engine-core and worker processes.
+    Their output goes to the run's `rollout_engine.log`, not the terminal: a Ctrl-C at a terminal reaches
+    them too (they stop on SIGINT), and a worker stopping while its engine core waited on it made the
+    core print "EngineCore encountered a fatal error" with a traceback under the run's one-line stop
+    message (tests/recipes/test_grpo.py's Ctrl-C test failed about one run in three on this machine)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 class VLLMEngine:
     """vLLM's offline `LLM`. Beside the trainer (placement: colocated) it runs multiprocess: the model
     lives in vLLM's own engine-core and worker processes, so the trainer's threads, process group and
@@ -173,9 +210,15 @@ class VLLMEngine:
             kw["enable_chunked_prefill"] = False
         else:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
-                       max_model_len=cfg.max_model_len or max_model_len, enforce_eager=cfg.enforce_eager,
-                       logprobs_mode="processed_logprobs", **kw)
+        self.log = Path(scratch) / ENGINE_LOG
+        try:
+            with _output_to(self.log):
+                self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
+                               max_model_len=cfg.max_model_len or max_model_len, enforce_eager=cfg.enforce_eager,
+                               logprobs_mode="processed_logprobs", **kw)
+        except Exception as e:
+            raise RuntimeError(f"the vLLM engine did not start: {type(e).__name__}: {e}\nthe end of its log, {self.log}:\n"
+                               + _tail(self.log)) from e
         rows = self.llm.llm_engine.model_config.hf_config.vocab_size
         self.allowed = list(range(self.vocab)) if rows > self.vocab else None
 

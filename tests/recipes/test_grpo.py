@@ -273,6 +273,7 @@ def test_ctrl_c_with_a_vllm_engine_stops_cleanly_and_resumes(tiny_qwen3_h32, pro
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted: SIGINT" in err and "Traceback" not in err, err[-3000:]
+    assert "pid=" in (tmp_path / "r" / "rollout_engine.log").read_text()  # the engine processes' own output went there
     for _ in range(30):  # no engine process left behind
         left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.strip()
         if not left:

@@ -400,3 +400,25 @@ def test_weights_for_an_actor_travel_as_bytes_of_every_dtype():
     assert back.keys() == state.keys()
     for k, v in state.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+
+
+def test_processes_started_inside_output_to_write_to_the_engine_log(tmp_path, capfd):
+    """What vLLM's engine processes print (started inside `_output_to`) goes to the run's engine log for
+    their whole life, not to the terminal, where a Ctrl-C's dying tracebacks would follow the run's
+    one-line stop message; this process's output is back on its stdout after it."""
+    import subprocess
+    import sys
+
+    from posttrain.workflow.rollout import _output_to, _tail
+
+    log = tmp_path / "rollout_engine.log"
+    code = "import sys, time; print('out', flush=True); time.sleep(0.3); print('Traceback: late', file=sys.stderr, flush=True)"
+    with _output_to(log):
+        child = subprocess.Popen([sys.executable, "-c", code])
+    print("after", flush=True)
+    child.wait(timeout=30)  # its late line is written after the block has ended
+    text = log.read_text()
+    assert "out" in text and "Traceback: late" in text and "after" not in text
+    seen = capfd.readouterr()
+    assert "after" in seen.out and "Traceback" not in seen.err + seen.out
+    assert _tail(log, 1) == "Traceback: late" and _tail(tmp_path / "missing") == "(no log)"
