@@ -210,7 +210,8 @@ class VLLMEngine:
             kw["enable_chunked_prefill"] = False
         else:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self.log = Path(scratch) / ENGINE_LOG
+        # (in an actor on another node the run directory may not exist: the node's temp directory then)
+        self.log = (Path(scratch) if Path(scratch).is_dir() else Path(tempfile.gettempdir())) / ENGINE_LOG
         try:
             with _output_to(self.log):
                 self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
