@@ -283,11 +283,16 @@ class TableReader:
         return items, (end if end < self.table.num_rows else -1), 0
 
 
+def local_path(url: str) -> str | None:
+    """The path of a local source (a plain path or a file:// URL), or None for a remote one (s3://, ...)."""
+    return url[len("file://"):] if url.startswith("file://") else url if "://" not in url else None
+
+
 def _arrow_table(url: str, open_: Callable):
     """An Arrow IPC file or stream (`datasets` writes streams) as a table; memory-mapped when local."""
     import pyarrow as pa
 
-    local = url[len("file://"):] if url.startswith("file://") else url if "://" not in url else None
+    local = local_path(url)
     if local is not None:
         src = pa.memory_map(local)
     else:

@@ -171,7 +171,6 @@ class FastForward:
     def __init__(self, model, capacity: int, compiled: bool = False):
         inner = model.model
         self.embed, self.final_norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
-        self.compiled = compiled
         if compiled:  # static shapes: a few capacities, each compiled once (see _compiled)
             capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         cfg = model.config

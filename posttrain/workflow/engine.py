@@ -63,6 +63,7 @@ from ..compute.optim import build_optimizer, build_scheduler
 from ..compute.rundir import RunDir
 from ..compute.tracking import Trackers
 from ..config import ConfigError, JobConfig, ModelConfig
+from ..data.layouts import local_path
 from ..data.loader import DataLoader
 from ..data.packing import share_prefix
 from ..data.records import encode_sft_record
@@ -372,7 +373,7 @@ class Engine:
         source (an fsspec URL) keeps the thread: its reads wait on the network, not on a core."""
         if self.cfg.data.background is not None:
             return self.cfg.data.background
-        remote = any("://" in s.path and not s.path.startswith("file://") for s in self.cfg.data.sources)
+        remote = any(local_path(s.path) is None for s in self.cfg.data.sources)
         if self.device.type != "cpu" or remote:
             return True
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
