@@ -214,3 +214,20 @@ def test_a_background_save_of_one_process_makes_itself_visible(tmp_path):
         _step(model, opt)
     assert [p.name for p in C.complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     assert not list(tmp_path.glob(".step_*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_a_background_write_runs_at_idle_priority_and_training_does_not(tmp_path, monkeypatch):
+    """The writer thread takes a core only where training leaves one idle; the thread that trains keeps
+    its normal priority (the policy is the writer thread's own, not the process's)."""
+    torch.manual_seed(0)
+    model, opt = _trained()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    seen, real = [], C._write_files
+    monkeypatch.setattr(C, "_write_files", lambda files: (seen.append(os.sched_getscheduler(0)), real(files)))
+    pending = C.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={}, background=True)
+    assert pending.finish().name == "step_00000001"
+    assert seen and all(p == os.SCHED_IDLE for p in seen)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    C.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})  # synchronous
+    assert seen[-1] == os.SCHED_OTHER
