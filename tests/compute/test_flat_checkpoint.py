@@ -4,7 +4,9 @@ page-aligned memory with O_DIRECT where the filesystem takes it, through a bound
 optimizer: every tensor bitwise, every other value as saved; a damaged file or a different model is
 an error, never a silent partial load."""
 
+import copy
 import io
+import time
 import os
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def _save(path: Path, tree, *, staged: bool) -> None:
     torch.save({"format": 1, "tensors": layout, "objects": objects, "bytes": nbytes}, buf)
     (path / C.INDEX).write_bytes(buf.getvalue())
     if staged:
-        C._write_staged(path / C.FLAT, C._stage(tensors, layout, nbytes), nbytes)
+        C._write_staged(path / C.FLAT, C._stage(tensors, layout, nbytes)[0], nbytes)
     else:
         C._write_flat(path / C.FLAT, tensors, layout, nbytes)
 
@@ -181,7 +183,8 @@ def test_staging_reuses_its_views_and_copies_the_current_values():
     for t in tensors:
         t.add_(1) if t.dtype != torch.bfloat16 else t.mul_(2)
     tree[0]["strided"].add_(1)  # the view of a tensor that is not contiguous
-    buf = C._stage(tensors, layout, nbytes)
+    buf, live = C._stage(tensors, layout, nbytes)
+    assert not live
     for t, (_, _, _, off, n) in zip(tensors, layout):
         assert torch.equal(buf[off : off + n], C._byte_view(t)), "a stale staged copy"
     C.release_buffers()
@@ -231,3 +234,38 @@ def test_a_background_write_runs_at_idle_priority_and_training_does_not(tmp_path
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     C.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})  # synchronous
     assert seen[-1] == os.SCHED_OTHER
+
+
+def test_a_background_save_writes_the_optimizer_state_from_where_it_lives_and_the_next_step_waits(tmp_path, monkeypatch):
+    """A background save moves AdamW's state into its staging buffer once (each tensor the same object,
+    its values unchanged) and writes it from there: an optimizer step taken while the write is under
+    way waits for it, so the checkpoint holds the state of its own step, not the next one's."""
+    torch.manual_seed(0)
+    model, opt = _trained()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    objects = {id(t): t.clone() for st in opt.state.values() for t in st.values()}
+    real = C._write_staged
+
+    def slow(*a):  # the write starts late: a step that did not wait would change what it writes
+        time.sleep(0.5)
+        real(*a)
+
+    monkeypatch.setattr(C, "_write_staged", slow)
+    want = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    pending = C.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={}, background=True)
+    home = getattr(opt, C._HOME)[0]
+    lo, hi = home.data_ptr(), home.data_ptr() + home.numel()
+    for st in opt.state.values():  # moved into the buffer, the same objects with the same values
+        for t in st.values():
+            assert lo <= t.data_ptr() < hi and torch.equal(t, objects[id(t)])
+    assert pending.thread.is_alive()
+    _step(model, opt)  # waits for the write
+    assert not pending.thread.is_alive() or pending.written.is_set()
+    path = pending.finish()
+    fresh_model, fresh_opt = _trained()
+    C.load_checkpoint(path, model=fresh_model, optimizer=fresh_opt, scheduler=torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0))
+    assert _equal(fresh_model.state_dict(), want[0]) and _equal(fresh_opt.state_dict(), want[1])
+    assert not opt._optimizer_step_pre_hooks  # released
+    ptrs = [t.data_ptr() for st in opt.state.values() for t in st.values()]
+    C.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={}, background=True).finish()
+    assert [t.data_ptr() for st in opt.state.values() for t in st.values()] == ptrs  # moved once
