@@ -6,8 +6,8 @@ an error, never a silent partial load."""
 
 import copy
 import io
-import time
 import os
+import time
 from pathlib import Path
 
 import pytest
