@@ -132,7 +132,7 @@ def completion_logps(model: torch.nn.Module, batch: dict, vocab_size: int | None
     t = float(temperature) if temperature and temperature > 0 else 1.0
 
     def rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lp = torch.log_softmax(logits / t, dim=-1)
+        lp = torch.log_softmax(logits if t == 1.0 else logits / t, dim=-1)  # x / 1 is x: the same values, no pass
         picked = lp.gather(1, y[:, None])
         if not entropy:
             return picked
