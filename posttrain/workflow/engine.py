@@ -599,7 +599,8 @@ class Engine:
         minutes = cfg.compute.checkpoint_every_minutes
         if every or minutes:
             self.say("checkpoints: " + " and ".join(
-                ([f"every {every} steps" if every > 1 else "every step"] if every else []) + ([f"every {minutes:g} min"] if minutes else [])), soft_wrap=True)
+                ([f"every {every} steps" if every > 1 else "every step"] if every else []) + ([f"every {minutes:g} min"] if minutes else []))
+                + (", written in the background" if cfg.compute.async_checkpoint else ""), soft_wrap=True)
         try:
             trackers = Trackers.start(cfg, self.run_dir, enabled=self.rank == 0, say=self.say)
         except BaseException:

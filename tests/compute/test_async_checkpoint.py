@@ -50,9 +50,10 @@ def reference(tiny_qwen3, data, tmp_path_factory):
     return out
 
 
-def test_background_checkpoints_hold_their_steps_state_and_resume_exactly(tiny_qwen3, data, tmp_path, reference):
+def test_background_checkpoints_hold_their_steps_state_and_resume_exactly(tiny_qwen3, data, tmp_path, reference, capsys):
     out = tmp_path / "async"
     run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out, async_checkpoint=True)))
+    assert "checkpoints: every 2 steps and every 30 min, written in the background" in capsys.readouterr().err
     assert _losses(out) == _losses(reference) and _same_weights(out, reference)
     assert [c.name for c in complete_checkpoints(out / "checkpoints")] == ["step_00000002", "step_00000004", "step_00000006"]
     assert not list((out / "checkpoints").glob(".step_*.tmp"))
