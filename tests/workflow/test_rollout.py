@@ -422,3 +422,40 @@ def test_processes_started_inside_output_to_write_to_the_engine_log(tmp_path, ca
     seen = capfd.readouterr()
     assert "after" in seen.out and "Traceback" not in seen.err + seen.out
     assert _tail(log, 1) == "Traceback: late" and _tail(tmp_path / "missing") == "(no log)"
+
+
+def test_hf_engine_sync_takes_over_the_trainers_tensors_and_then_has_nothing_to_copy(tiny_qwen3, monkeypatch):
+    """Full fine-tuning in one process: the first sync makes the engine's weights the trainer's own
+    tensors, so the trainer's next in-place update is already in the engine and the next sync loads
+    nothing; a state of new tensors (LoRA merged, a clone) is taken over anew, with its values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    engine = HFEngine(tiny_qwen3, tok, dtype=torch.float32, device=torch.device("cpu"))
+    ids = torch.tensor([tok.encode("Add 3 and 4.")])
+
+    def same_logits():
+        with torch.no_grad():
+            return torch.equal(engine.model(ids).logits, trainer(ids).logits)
+
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert not same_logits()
+    state = inference_state_dict(trainer)
+    engine.sync(state)
+    own = engine.model.state_dict()
+    assert all(own[k].data_ptr() == v.data_ptr() for k, v in state.items()) and same_logits()
+    with torch.no_grad():  # the trainer's next update, in place
+        for p in trainer.parameters():
+            p.mul_(1.01)
+    loads = []
+    monkeypatch.setattr(engine.model, "load_state_dict", lambda *a, **k: loads.append(1))
+    engine.sync(inference_state_dict(trainer))
+    assert not loads and same_logits()
+    monkeypatch.undo()
+    fresh = {k: v.clone() * 0.5 for k, v in inference_state_dict(trainer).items()}
+    engine.sync(fresh)
+    own = engine.model.state_dict()
+    assert all(own[k].data_ptr() == v.data_ptr() and torch.equal(own[k], v) for k, v in fresh.items())
