@@ -260,10 +260,11 @@ class PendingSave:
         """The writer thread: at the scheduler's idle priority, so that its CPU work (the O_DIRECT
         submission, the small files and fsyncs, removing the oldest checkpoint) runs where a core is
         idle (between kernels, while the training thread makes a batch) instead of taking a core from
-        training's compute threads. Measured on 2 CPU cores (benchmarks/resume.py, medians of runs): the
-        step beside the write +7.6 -> +1.5..2.8 ms, a save every 5 steps 1.4% -> 0.8..1.0% of the steps'
-        time, and the next save (2 steps later) never had to wait for the write. The next save, or the run's end, waits for
-        the write (`finish`), and a waiting trainer leaves its core idle, so the write completes."""
+        training's compute threads. Measured on 2 CPU cores (benchmarks/resume.py's method, 3 interleaved
+        runs each): the step beside the write +7.55 -> +0.83 ms, a save every 5 steps 1.39% -> 0.78% of
+        the steps' time, and the next save (2 steps later) never had to wait for the write. The next
+        save, or the run's end, waits for the write (`finish`), and a waiting trainer leaves its core
+        idle, so the write completes."""
         with contextlib.suppress(AttributeError, OSError):  # Linux only; elsewhere a normal thread
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
         self._write(model_optim)
