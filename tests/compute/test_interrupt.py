@@ -75,6 +75,24 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_qwen3
     _same_run(out, reference)
 
 
+@pytest.mark.parametrize("at", [2, 3])
+def test_ctrl_c_with_background_checkpoints_resumes_exactly(tiny_qwen3, data, tmp_path, signal_at, reference, at):
+    """compute.async_checkpoint: a Ctrl-C right after a step whose checkpoint is being written in the
+    background (2) finishes that write and stops; one after a step without a periodic save (3) writes its
+    checkpoint (synchronously) after the pending one. Either way the rerun is the uninterrupted run."""
+    out = tmp_path / "run"
+    signal_at(at, signal.SIGINT)
+    with pytest.raises(Interrupted) as exc:
+        run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out, checkpoint_every=2, async_checkpoint=True)))
+    ckpt = out / "checkpoints" / f"step_{at:08d}"
+    assert f"after step {at}: checkpoint {ckpt} written" in str(exc.value)
+    assert C.find_latest(out / "checkpoints") == ckpt and C.is_complete(ckpt)
+    assert not list((out / "checkpoints").glob(".step_*.tmp"))
+    _SINKS.clear()
+    run_job(JobConfig.model_validate(_job(tiny_qwen3, data, out, checkpoint_every=2, async_checkpoint=True)))
+    _same_run(out, reference)
+
+
 def test_without_checkpoint_on_interrupt_the_run_stops_and_says_so(tiny_qwen3, data, tmp_path, signal_at):
     signal_at(1, signal.SIGINT)
     with pytest.raises(Interrupted, match=r"^SIGINT after step 1: not checkpointed \(compute.checkpoint_on_interrupt: false\); "
