@@ -392,7 +392,7 @@ def _state(model, optimizer, home: bool = False) -> tuple[dict, dict, tuple | No
         flat = _flat_layout((msd, osd)) if flat_capable((msd, osd)) else None
         if flat is None or key is None:
             return msd, osd, flat
-        if home and _move_home(optimizer, *flat):  # the state's memory changed: its views and identity too
+        if home and _move_home(optimizer, flat[0], flat[1], flat[3]):  # the state's memory changed: its views and identity too
             del msd, osd, flat
             return _state(model, optimizer)
         optimizer._posttrain_state = cached = (key, msd, osd, flat)
@@ -487,7 +487,7 @@ def release_buffers() -> None:
 _HOME = "_posttrain_home"
 
 
-def _move_home(optimizer, tensors: list[torch.Tensor], layout: list[tuple], objects: dict, nbytes: int) -> bool:
+def _move_home(optimizer, tensors: list[torch.Tensor], layout: list[tuple], nbytes: int) -> bool:
     """Move the optimizer state's tensors (plain, contiguous CPU tensors) into a page-aligned buffer
     laid out as the flat file, each object keeping its identity (`.data` set to its slot), where the
     whole state is on the CPU (elsewhere it is copied to the host at each save anyway). True if any
@@ -495,15 +495,13 @@ def _move_home(optimizer, tensors: list[torch.Tensor], layout: list[tuple], obje
     if any(t.device.type != "cpu" for t in tensors):
         return False
     slots = {(t.data_ptr(), t.dtype, t.shape): (off, n) for t, (_, _, _, off, n) in zip(tensors, layout) if n}
-    home = getattr(optimizer, _HOME, None)
-    base = home[0].data_ptr() if home is not None and home[0].numel() == -(-nbytes // _PAGE) * _PAGE else None
     state = [t for st in optimizer.state.values() for t in st.values()
              if torch.is_tensor(t) and t.is_contiguous() and t._base is None and t.numel()
              and (t.data_ptr(), t.dtype, t.shape) in slots]
-    if base is not None and all(t.data_ptr() == base + slots[t.data_ptr(), t.dtype, t.shape][0] for t in state):
-        return False
-    if not state:
-        return False
+    home = getattr(optimizer, _HOME, None)
+    if not state or (home is not None and home[0].numel() >= nbytes
+                     and all(t.data_ptr() == home[0].data_ptr() + slots[t.data_ptr(), t.dtype, t.shape][0] for t in state)):
+        return False  # nothing to move, or all of it at its offsets already
     home = _aligned(nbytes)
     buf = home[0]
     for t in state:

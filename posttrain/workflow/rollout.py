@@ -356,7 +356,8 @@ class _EngineActor:
         # What the engine prints (vLLM's warnings at every weight reload, compile messages) goes to the
         # engine's log for the actor's whole life, not through Ray to the trainer's terminal
         self.log = _log_path(Path(scratch))
-        _redirect(self.log)
+        for fd in _redirect(self.log):  # (nothing to restore: the previous descriptors are not kept)
+            os.close(fd)
         torch.set_num_threads(cfg.actor_threads())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         tok = AutoTokenizer.from_pretrained(model_dir)  # the trainer's tokenizer, exported with the model
