@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..data.packing import target_rows
 from .hf import unwrap
 from .tail import only_targets
 
@@ -74,30 +75,30 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def _targets(batch: dict, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sel [B, T - 1]: the positions that predict a target, the targets [N])."""
+    """(rows [N]: flat indices into [B * T] of the positions that predict the targets (`target_rows`),
+    the targets [N])."""
     labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    targets = labels[sel]
+    targets = labels[labels != IGNORE]
     if vocab_size is not None and targets.numel() and int(targets.max()) >= vocab_size:
         raise ValueError(f"a label id >= the real vocabulary size {vocab_size}: padded rows are never targets")
-    return sel, targets
+    return target_rows(batch), targets
 
 
 def select_targets(batch: dict, hidden: torch.Tensor, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [N, H] of the positions that predict a target, and those targets [N]."""
-    sel, targets = _targets(batch, vocab_size)
-    return hidden[:, :-1][sel], targets
+    rows, targets = _targets(batch, vocab_size)
+    return hidden.flatten(0, 1).index_select(0, rows), targets
 
 
 def target_outputs(model: torch.nn.Module, batch: dict, vocab_size: int | None = None, *, router_logits: bool = False):
     """The decoder run for a loss: (its output, final hidden states [N, H] at the positions that predict a
     target, those targets [N]). Where the family allows, the last layer's output projection and MLP
     run at those positions only (model/tail.py)."""
-    sel, targets = _targets(batch, vocab_size)
-    with only_targets(model, sel) as pruned:
+    rows, targets = _targets(batch, vocab_size)
+    with only_targets(model, rows) as pruned:
         out = decoder_outputs(model, batch, router_logits=router_logits)
     h = out.last_hidden_state
-    return out, (h[0] if pruned else h[:, :-1][sel]), targets
+    return out, (h[0] if pruned else h.flatten(0, 1).index_select(0, rows)), targets
 
 
 def target_hidden(model: torch.nn.Module, batch: dict, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

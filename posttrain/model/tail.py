@@ -19,7 +19,7 @@ Qwen3), whose class's `forward` is transformers' own. Not on layers with further
 blocks (their router statistics cover every token), nor under activation checkpointing (the
 recomputation in the backward runs outside the call that knows the rows). Those run the full layer.
 
-    with only_targets(model, sel) as pruned:      # sel: [B, T - 1] bool, labels[:, 1:] != -100
+    with only_targets(model, rows) as pruned:     # rows [N]: flat indices into [B * T] (data.packing.target_rows)
         hidden = decoder(...).last_hidden_state   # [1, N, H] when pruned, else [B, T, H]
 
 transformers cannot do this itself: `logits_to_keep` trims only the head, after the last layer ran in full.
@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from types import MethodType
 
 import torch
-import torch.nn.functional as F
 
 from .hf import unwrap
 
@@ -85,23 +84,19 @@ def _forward(self, hidden_states, attention_mask=None, position_ids=None, past_k
     return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def rows_of(sel: torch.Tensor) -> torch.Tensor:
-    """Flat indices into [B * T] of the positions that predict a target, from `sel` [B, T - 1]
-    (in the row-major order of `hidden[:, :-1][sel]`)."""
-    return F.pad(sel, (0, 1)).flatten().nonzero().squeeze(1)
-
-
 @contextmanager
-def only_targets(model: torch.nn.Module, sel: torch.Tensor):
-    """Within: a forward of `model`'s decoder returns the final hidden states at the target positions
-    only, as [1, N, H] (yields True), where the family allows it (else yields False: the full [B, T, H])."""
+def only_targets(model: torch.nn.Module, rows: torch.Tensor):
+    """Within: a forward of `model`'s decoder returns the final hidden states at `rows` [N] only (flat
+    indices into [B * T] of the positions that predict the targets, in the targets' order; a position
+    may predict several: a shared prefix's last one), as [1, N, H] (yields True), where the family
+    allows it (else yields False: the full [B, T, H])."""
     layer = pruned_layer(model)
     if layer is None:
         yield False
         return
     if "forward" not in layer.__dict__:  # installed once per layer instance, a no-op outside this context
         layer.forward = MethodType(_forward, layer)
-    layer.__dict__[_ROWS] = rows_of(sel)
+    layer.__dict__[_ROWS] = rows
     try:
         yield True
     finally:

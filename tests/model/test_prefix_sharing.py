@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import ConfigError, JobConfig
-from posttrain.data.packing import pack_row, share_prefix
+from posttrain.data.packing import pack_row, share_prefix, target_doc_index, target_rows
 from posttrain.data.pairs import encode_pair_record
 from posttrain.data.records import Sample
 from posttrain.model.attention import check_prefix_sharing, segments
@@ -30,29 +30,47 @@ def unit(prompt, completions, where="f:1"):
     return Sample(ids, labels, where, tuple(lens))
 
 
-def test_share_prefix_keeps_each_branch_from_the_last_shared_token():
+def test_share_prefix_keeps_each_branch_from_its_first_own_token():
     p = [5, 6, 7, 8]
     s = share_prefix(unit(p, [[1, 2], [3], [9, 9, 9]]))
-    assert s.doc_lens == (6, 2, 4) and s.doc_starts == (0, 3, 3)
-    assert s.input_ids == (5, 6, 7, 8, 1, 2, 8, 3, 8, 9, 9, 9)
-    assert s.labels == (-100,) * 4 + (1, 2) + (-100, 3) + (-100, 9, 9, 9)
+    assert s.doc_lens == (6, 1, 3) and s.doc_starts == (0, 4, 4)
+    assert s.input_ids == (5, 6, 7, 8, 1, 2, 3, 9, 9, 9)
+    assert s.labels == (-100,) * 4 + (1, 2) + (3,) + (9, 9, 9)
     b = pack_row([s, unit([4], [[2, 2]])], 64, 0, 8)
-    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 6, 0, 1, 2, 0]
-    assert b["doc_starts"] == [0, 3, 3, 0]
-    # the attention reads: root, two branches of it (prefix 3), a new root, the padding tail
-    assert segments(b["position_ids"]) == [[(0, 6, 0, 0), (6, 8, 0, 3), (8, 12, 0, 3), (12, 15, 12, 0), (15, 16, 15, 0)]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 4, 4, 5, 6, 0, 1, 2, 0, 1, 2]
+    assert b["doc_starts"] == [0, 4, 4, 0]
+    # a branch's first token is a target (a root's never is: nothing is predicted across a boundary)
+    assert b["labels"][0].tolist() == [-100] * 4 + [1, 2, 3, 9, 9, 9, -100, 2, 2] + [-100] * 3
+    # the attention reads: root, two branches of it (prefix 4), a new root, the padding tail
+    assert segments(b["position_ids"]) == [[(0, 6, 0, 0), (6, 7, 0, 4), (7, 10, 0, 4), (10, 13, 10, 0), (13, 16, 13, 0)]]
+    # each target's prediction: the position before it, or for a branch's first token the root's
+    # output at the last prompt position (index 3), as for the root's own first completion token
+    assert target_rows(b).tolist() == [3, 4, 3, 3, 7, 8, 10, 11]
+    assert target_doc_index(b).tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
     assert share_prefix(s) is s  # already shared
     one = unit(p, [[1]])
     assert share_prefix(one) is one
 
 
+def test_a_branch_that_would_continue_the_previous_document_keeps_its_last_shared_token():
+    # doc 1 is the prompt alone (ends at position 2); doc 2 shares 3 tokens, so its own tokens would
+    # start at position 3, continuing doc 1: it starts at 2 instead, from its last shared (untrained) token
+    s = share_prefix(Sample((1, 2, 3, 4, 1, 2, 3, 1, 2, 3, 5), (-100, -100, -100, 4, -100, -100, -100, -100, -100, -100, 5),
+                            "f:1", (4, 3, 4)))
+    assert s.doc_starts == (0, 2, 2) and s.doc_lens == (4, 1, 2)
+    assert s.input_ids == (1, 2, 3, 4, 3, 3, 5) and s.labels == (-100, -100, -100, 4, -100, -100, 5)
+    b = pack_row([s], 64, 0, 8)
+    assert b["position_ids"][0].tolist()[:7] == [0, 1, 2, 3, 2, 2, 3]
+    assert target_rows(b).tolist() == [2, 5]  # 4 from the root's position 2; 5 from the branch's own 3
+
+
 def test_share_prefix_never_shares_a_trained_token_and_a_new_prompt_is_a_new_root():
     # the sides share ids 1 2 3, but 3 is trained on the second side: only 1 2 is shared
     s = share_prefix(Sample((1, 2, 3, 4, 1, 2, 3, 5), (-100, -100, 3, 4, -100, -100, 3, 5), "f:1", (4, 4)))
-    assert s.doc_starts == (0, 1) and s.input_ids == (1, 2, 3, 4, 2, 3, 5) and s.labels[4:] == (-100, 3, 5)
+    assert s.doc_starts == (0, 2) and s.input_ids == (1, 2, 3, 4, 3, 5) and s.labels[4:] == (3, 5)
     s = share_prefix(Sample((1, 2, 3, 1, 2, 3, 7, 2, 3), (-100, -100, 3, -100, -100, 3, -100, -100, 3), "f:1", (3, 3, 3)))
     # doc 1 repeats doc 0 up to its trained token; doc 2 starts differently: a root of its own
-    assert s.doc_starts == (0, 1, 0) and s.doc_lens == (3, 2, 3)
+    assert s.doc_starts == (0, 2, 0) and s.doc_lens == (3, 1, 3)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -70,7 +88,7 @@ def test_branches_give_the_unshared_log_probs_and_gradients(request, family):
         (sums * torch.arange(1, len(sums) + 1)).sum().backward()  # every document's gradient, weighted apart
         outs[shared] = sums.detach(), counts, {n: p.grad for n, p in m.named_parameters()}, batch["num_tokens"]
     (s0, c0, g0, n0), (s1, c1, g1, n1) = outs[False], outs[True]
-    assert n1 < n0 - 40  # the prompts of 3 + 1 documents are not computed again
+    assert n1 == n0 - 3 * 9 - 20  # the prompts of 3 + 1 documents are not computed again, not even their last token
     assert torch.equal(c0, c1)
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-6)
     for n in g0:  # float reordering, relative to each gradient's scale (the embedding's sums over tokens: up to 42,
