@@ -247,6 +247,10 @@ class Rollouts:
             groups.setdefault(it[4].rsplit("#", 1)[0], []).append(it)
         units = []
         for group in groups.values():
+            whole = self._sample(group)
+            if len(whole.input_ids) <= budget:  # the common case: built once, not once per completion
+                units.append((group, whole))
+                continue
             unit: list = [group[0]]
             sample = self._sample(unit)
             for it in group[1:]:
