@@ -28,7 +28,7 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
 
 Seconds per step are timed inside each run over the steps after `--warmup` (startup, model loading and
 the vLLM engine's start excluded): posttrain's `step_time_s` (metrics.jsonl), TRL's on_step_begin ..
-on_step_end. Generated tokens/s = generated tokens (EOS included) / seconds in the generation call;
+on_step_end; each run's median timed step (its mean is printed as a cross-check: see `summarize`). Generated tokens/s = generated tokens (EOS included) / seconds in the generation call;
 posttrain's split per step comes from its `time/*_s` metrics, TRL's from timers around its generation
 and reward calls (the rest of its step: forward, backward, optimizer). Both sides use 2 torch threads.
 
@@ -210,17 +210,22 @@ def run_trl(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -> dict
 
 
 def summarize(r: dict, warmup: int) -> dict:
-    """Means over the timed steps (after `warmup`)."""
+    """Medians over the timed steps (after `warmup`), and the mean step as a cross-check. A median, so
+    that a one-off step does not stand for the step time: under `compute.compile`, the first row whose
+    length crosses one of inductor's code-generation thresholds (a sum over more than 4,096 elements,
+    e.g. a norm's weight gradient over 2 heads x 2,049+ positions) compiles the layers again, ~0.6 s
+    once in a run; TRL, uncompiled, has no such step."""
     timed = len(r["step_s"]) - warmup
-    step = sum(r["step_s"][warmup:]) / timed
-    split = {k: sum(v[warmup:]) / timed for k, v in r["split"].items()}
+    steps = r["step_s"][warmup:]
+    step = statistics.median(steps)
+    split = {k: statistics.median(v[warmup:]) for k, v in r["split"].items()}
     gen_tokens = sum(r["gen_tokens"][warmup:])
     return {
-        "step_s": step, **{f"{k}_s": v for k, v in split.items()},
-        "other_s": step - sum(split.values()),
+        "step_s": step, **{f"{k}_s": v for k, v in split.items()}, "mean_step_s": sum(steps) / timed,
+        "other_s": statistics.median(s - sum(v[warmup + i] for v in r["split"].values()) for i, s in enumerate(steps)),
         "gen_tok_s": (statistics.mean(r["engine_tok_s"][warmup:]) if "engine_tok_s" in r
                       else gen_tokens / max(sum(r["split"]["generate"][warmup:]), 1e-9)),
-        "step_tok_s": gen_tokens / (step * timed),
+        "step_tok_s": gen_tokens / sum(steps),
         "gen_sync_share": (split["generate"] + split["sync"]) / step,
         "window_s": (r["end"][-1] - r["end"][warmup - 1]) / timed,  # end to end, between step ends (a cross-check)
         "completion_len": statistics.mean(r["completion_len"][warmup:]) if r["completion_len"] else float("nan"),
@@ -231,7 +236,7 @@ def summarize(r: dict, warmup: int) -> dict:
 # ------------------------------------------------------------------------------------------ report
 def report(a, info: dict, results: dict[str, list[dict]], versions: dict, trl_info: dict) -> str:
     fields = ("step_s", "generate_s", "reward_s", "reference_s", "train_s", "sync_s", "other_s", "gen_tok_s",
-              "step_tok_s", "gen_sync_share", "window_s", "completion_len", "reward1")
+              "step_tok_s", "gen_sync_share", "window_s", "mean_step_s", "completion_len", "reward1")
     med = medians(results, fields)
     reps = len(next(iter(results.values())))
     trl = next((k for k in results if MODES[k]["side"] == "trl"), None)
@@ -261,7 +266,7 @@ def report(a, info: dict, results: dict[str, list[dict]], versions: dict, trl_in
                  f"| {sec['reward_s']} | {sec['reference_s']} | {sec['train_s']} | {sec['sync_s']} | {sec['other_s']} "
                  f"| {m['gen_sync_share']:.0%} | {m['completion_len']:.1f} | {m['reward1']:.3f} |")
     L.append("")
-    L.append("Per-step columns are means over the timed steps: posttrain's `time/*_s` metrics (other = `step_time_s` "
+    L.append("Per-step columns are medians over the timed steps: posttrain's `time/*_s` metrics (other = `step_time_s` "
              "minus their sum: prompt encoding, packing, logging); TRL: its generation call and reward call timed, "
              "train = the rest of the step (log-prob forward, loss, backward, clip, AdamW; TRL has no weight sync "
              "with generate on the training model).")
@@ -278,7 +283,8 @@ def report(a, info: dict, results: dict[str, list[dict]], versions: dict, trl_in
             L.append(f"| {p} | {speed:.2f}x | {'yes' if speed >= 2 else 'no'} | "
                      f"{med[p]['gen_tok_s'] / med[trl]['gen_tok_s']:.2f}x | {share:.0%} | {'yes' if share < 0.6 else 'no'} |")
     L.append("")
-    L.append("Cross-check, seconds per step between step ends (includes what falls between steps: logging, data "
+    L.append("Cross-checks: the mean timed step (one-off steps included) " + ", ".join(f"{k} {m['mean_step_s']:.3f}" for k, m in med.items())
+             + "; seconds per step between step ends (includes what falls between steps: logging, data "
              "loading): " + ", ".join(f"{k} {m['window_s']:.3f}" for k, m in med.items()) + ".")
     L.append("Same work on every side: the same weights and prompts, so the step-1 mean reward and the completion "
              "lengths agree within sampling noise (different samplers and seeds; the random-init model rarely emits "

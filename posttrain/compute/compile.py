@@ -22,8 +22,11 @@ q/k norms 201 (1.17x), without the input norm either 210 (1.12x).
 
 Row lengths vary from step to step (packed rows end at a multiple of data.pack_to_multiple_of):
 torch compiles the first shape statically and the second time with a symbolic length, then again
-where a guard on that length fails (measured: rows above and below 2,048 tokens) and once more for
-held-out evaluation, which runs without grad: a few compilations of 1-10 s each early in a run.
+where a guard on that length fails and once more for held-out evaluation, which runs without grad: a
+few compilations of 1-10 s each early in a run. The length guards come from inductor's C++ code,
+which sums more than 4,096 floats in chunks (for precision): a q/k norm's weight gradient over 2
+heads x 2,049+ positions, or 4 heads x 1,025+, is generated differently, so the first row on the
+other side of such a length compiles the layers again (~0.6 s on 2 cores for the demo model).
 """
 
 from __future__ import annotations
