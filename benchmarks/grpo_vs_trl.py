@@ -129,7 +129,7 @@ def run_posttrain(tmp: Path, name: str, model: Path, data: Path, a, env: dict) -
         "recipe": "grpo",
         "model": {"path": str(model), "dtype": "float32"},
         # one packed row holds the step's 64 prompt+completion sequences (rows end at the real tokens
-        # rounded up to 8: pack_to_multiple_of); prompts in file order
+        # rounded up to 64: pack_to_multiple_of); prompts in file order
         "data": {"sources": [{"path": str(data)}], "max_seq_len": a.max_seq_len, "max_tokens_per_batch": 8192,
                  "shuffle": False, "share_prefix": MODES[name].get("share", True)},
         "train": {"steps": a.steps, "lr": a.lr, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,

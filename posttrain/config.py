@@ -133,7 +133,7 @@ class DataConfig(Strict):
     packing: bool = Field(True, description="pack documents into rows of at most max_tokens_per_batch, or (false) pad to the longest sample")
     max_tokens_per_batch: int = Field(8192, ge=8, description="tokens in one micro-batch on one worker")
     pack_to_multiple_of: int | None = Field(
-        8, ge=1, description="a packed row ends at its real tokens rounded up to this, so a row the data cannot fill "
+        64, ge=1, description="a packed row ends at its real tokens rounded up to this, so a row the data cannot fill "
         "carries no long padding tail (null: every row is exactly max_tokens_per_batch, fixed shapes)")
     share_prefix: bool = Field(
         True, description="packed units of several documents that start alike (a preference pair's sides, a GRPO "

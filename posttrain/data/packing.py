@@ -8,7 +8,7 @@ buffer (longest unit that fits first, then the next longest that fits the remain
 Every document of every unit gets `position_ids` restarting at 0, which is the document mask, and
 label -100 on its first token, so nothing is trained across a boundary. The unfilled tail is one
 padding segment (its own positions, label -100), up to the real length rounded up to
-`data.pack_to_multiple_of` (default 8: a row the data cannot fill does no work on a long tail), or
+`data.pack_to_multiple_of` (default 64: a row the data cannot fill does no work on a long tail), or
 to exactly `max_tokens` when that is null (fixed shapes). Padded mode (`packing: false`): units in arrival
 order, each document its own row, as many units as fit the budget counted with padding (rows x
 longest row), right-padded to the longest, with an attention mask.

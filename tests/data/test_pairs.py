@@ -217,9 +217,8 @@ def test_pairs_are_never_split_and_documents_are_isolated(toks, pair_data, packi
         assert set(batch["unit_docs"]) == {2} and sum(batch["unit_docs"]) == len(batch["doc_lens"])
         assert max(batch["doc_lens"]) <= pair_max_len(cfg)
         if packing:
-            width = batch["input_ids"].shape[1]  # the real tokens rounded up to pack_to_multiple_of, at most the budget
-            m = cfg.pack_to_multiple_of
-            assert width == min(96, -(-batch["num_tokens"] // m) * m) and sum(batch["doc_lens"]) == batch["num_tokens"] <= width
+            width = batch["input_ids"].shape[1]  # the real tokens rounded up to 64, at most the budget
+            assert width == min(96, -(-batch["num_tokens"] // 64) * 64) and sum(batch["doc_lens"]) == batch["num_tokens"] <= width
         else:
             assert batch["input_ids"].numel() <= 96
         docs = _docs_of(batch)
