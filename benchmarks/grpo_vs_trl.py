@@ -28,7 +28,8 @@ Modes (each run its own process; modes interleaved across repeats: A B C, B C A,
 
 Seconds per step are timed inside each run over the steps after `--warmup` (startup, model loading and
 the vLLM engine's start excluded): posttrain's `step_time_s` (metrics.jsonl), TRL's on_step_begin ..
-on_step_end; each run's median timed step (its mean is printed as a cross-check: see `summarize`). Generated tokens/s = generated tokens (EOS included) / seconds in the generation call;
+on_step_end; each run's median timed step (its mean is printed as a cross-check: see `summarize`).
+Generated tokens/s = generated tokens (EOS included) / seconds in the generation call;
 posttrain's split per step comes from its `time/*_s` metrics, TRL's from timers around its generation
 and reward calls (the rest of its step: forward, backward, optimizer). Both sides use 2 torch threads.
 
