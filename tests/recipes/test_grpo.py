@@ -122,6 +122,36 @@ def test_shared_prompts_train_like_repeated_ones(tiny_qwen3, prompts, tmp_path):
     assert runs[True][0]["tokens_per_s"] * runs[True][0]["step_time_s"] < 0.8 * runs[False][0]["tokens_per_s"] * runs[False][0]["step_time_s"]
 
 
+def test_a_signal_that_stops_the_engine_during_the_weight_sync_stops_the_run_cleanly(tiny_qwen3, prompts, tmp_path, monkeypatch):
+    """A terminal's Ctrl-C can land during the weight sync, which then fails (the engine's processes
+    stopped on it too): the run stops with the signal's message, not the engine's traceback, and
+    resumes from the newest checkpoint (the interrupted step's update was never saved)."""
+    import os
+    import signal
+
+    from posttrain.compute.interrupt import Interrupted
+    from posttrain.workflow.rollout import EngineGone, HFEngine
+
+    calls, sync = [], HFEngine.sync
+
+    def stopped_at_the_second(self, state):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # recorded by the run's handler, as at a terminal
+            raise EngineGone("the vLLM engine's process VLLM::Worker (pid 1) exited during the weight sync")
+        return sync(self, state)
+
+    monkeypatch.setattr(HFEngine, "sync", stopped_at_the_second)
+    job = grpo_job(tiny_qwen3, prompts, tmp_path / "r", steps=3, compute={"checkpoint_every": 1})
+    with pytest.raises(Interrupted, match=r"SIGINT during the weight sync after step 2, which stops the rollout engine too: "
+                                          r"the newest checkpoint is .*step_00000001; run the same command again") as e:
+        run_job(JobConfig.model_validate(job))
+    assert e.value.exit_code == 130 and [m["step"] for m in metrics(tmp_path / "r")] == [1]
+    monkeypatch.setattr(HFEngine, "sync", sync)
+    run_job(JobConfig.model_validate(job))
+    assert [m["step"] for m in metrics(tmp_path / "r")] == [1, 2, 3]
+
+
 def test_job_section_is_checked(tiny_qwen3, prompts, tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(grpo_job(tiny_qwen3, prompts, tmp_path / "r", grpo={"sampling": {"temperature": 0}})))

@@ -156,6 +156,57 @@ def test_weight_sync_full_and_lora(vllm_engine, padded_dir, tok, prompts):
     assert lora_params and all(p.abs().sum() > 0 for p in lora_params)  # the adapters were not merged into the trainer
 
 
+@pytest.mark.slow
+def test_calls_on_an_engine_whose_processes_stopped_fail_instead_of_waiting_forever(padded_dir, tok, prompts, tmp_path):
+    """A terminal's Ctrl-C reaches vLLM's engine processes too: its worker exits at once, its engine
+    core some seconds later, and vLLM's client, sent a generation or a weight sync meanwhile, waits
+    for an answer forever. The engine raises `EngineGone` naming the process instead, and closes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    from posttrain.workflow.rollout import EngineGone, _exited
+
+    pytest.importorskip("vllm")
+    engine = VLLMEngine(padded_dir, tok, EngineConfig(), dtype=torch.float32, device=torch.device("cpu"), max_model_len=256, seed=0,
+                        scratch=tmp_path)
+    s = Sampling(max_new_tokens=4)
+    try:
+        assert engine.procs and not _exited(engine.procs)
+        assert len(engine.generate(prompts[:1], s, n=2, seed=0)[0]) == 2
+        for p in engine.procs:
+            os.kill(p.pid, signal.SIGINT)
+        deadline = time.time() + 60
+        while not _exited(engine.procs) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _exited(engine.procs), "no engine process stopped on SIGINT"
+        out: dict = {}
+
+        def calls():
+            for what, call in (("generate", lambda: engine.generate(prompts[:1], s, n=2, seed=0)),
+                               ("the weight sync", lambda: engine.sync(load_file(padded_dir / "model.safetensors")))):
+                try:
+                    call()
+                    out[what] = "returned"
+                except Exception as e:  # noqa: BLE001 - the test reports what each call did
+                    out[what] = e
+
+        t = threading.Thread(target=calls, daemon=True)
+        t.start()
+        t.join(90)
+        assert not t.is_alive(), f"a call on the stopped engine still waits: {out}"
+        for what in ("generate", "the weight sync"):
+            assert isinstance(out[what], EngineGone) and f"exited during {what}" in str(out[what]), out
+    finally:
+        t0 = time.time()
+        engine.close()
+        assert time.time() - t0 < 60
+    assert not [p for p in engine.procs if p not in _exited(engine.procs)]  # nothing left behind
+
+
 def test_inference_weights_of_a_tied_model_send_the_head_too(tiny_qwen3_h32, tmp_path):
     """Tied embeddings: the state for an engine has lm_head.weight as its own tensor (vLLM-CPU keeps a
     separately packed head that refreshes only when it is sent), equal to the embedding, and
