@@ -196,11 +196,26 @@ class EngineGone(RuntimeError):
     """One of the rollout engine's own processes exited while the trainer waited on it."""
 
 
-def _descendants() -> dict:
-    """This process's descendants (psutil, which vLLM and Ray depend on), by pid."""
+def _children() -> set[int]:
+    """The pids of this process's children (psutil, which vLLM and Ray depend on)."""
     import psutil
 
-    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    return {p.pid for p in psutil.Process().children()}
+
+
+def _started_since(before: set[int]) -> list:
+    """The processes this process started since `before` (its children then), with their descendants:
+    vLLM's engine core and, under it, its worker. Not multiprocessing's resource tracker, started with
+    them, which lives as long as this process; nor the children of processes started before (a local
+    Ray's workers, which come and go under its raylet)."""
+    import psutil
+
+    new = [p for p in psutil.Process().children() if p.pid not in before and not _tracker(p)]
+    out = list(new)
+    for p in new:
+        with contextlib.suppress(psutil.Error):
+            out += p.children(recursive=True)
+    return out
 
 
 def _exited(procs: list) -> list:
@@ -264,7 +279,7 @@ class VLLMEngine:
         else:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.log = _log_path(scratch)
-        before = _descendants()
+        before = _children()
         try:
             with _output_to(self.log):
                 self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
@@ -273,9 +288,7 @@ class VLLMEngine:
         except Exception as e:
             raise RuntimeError(f"the vLLM engine did not start: {type(e).__name__}: {e}\nthe end of its log, {self.log}:\n"
                                + _tail(self.log)) from e
-        # the engine-core and worker processes it started (none in-process), watched by `_wait`; not
-        # multiprocessing's resource tracker, started with them, which lives as long as this process
-        self.procs = [p for pid, p in _descendants().items() if pid not in before and not _tracker(p)]
+        self.procs = _started_since(before)  # its engine-core and worker processes (none in-process), for `_wait`
         self.names = {p.pid: _name(p) for p in self.procs}
         rows = self.llm.llm_engine.model_config.hf_config.vocab_size
         self.allowed = list(range(self.vocab)) if rows > self.vocab else None
