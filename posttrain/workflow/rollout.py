@@ -362,7 +362,7 @@ class VLLMEngine:
                 t.join(0.5)  # (it may have failed on its own meanwhile)
                 if t.is_alive():
                     names = ", ".join(f"{self.names[p.pid]} (pid {p.pid})" for p in gone)
-                    raise EngineGone(f"the vLLM engine's process {names} exited during {what}; the end of its log, "
+                    raise EngineGone(f"the vLLM engine's process{'es' if len(gone) > 1 else ''} {names} exited during {what}; the end of its log, "
                                      f"{self.log}:\n{_tail(self.log)}")
         if "error" in box:
             raise box["error"]
