@@ -232,16 +232,20 @@ def _exited(procs: list) -> list:
 
 
 def _tracker(p) -> bool:
+    import psutil
+
     try:
         return any("resource_tracker" in a for a in p.cmdline())
-    except Exception:  # noqa: BLE001 - gone already
+    except psutil.Error:  # gone already
         return False
 
 
 def _name(p) -> str:
+    import psutil
+
     try:
         return p.name()
-    except Exception:  # noqa: BLE001 - gone already
+    except psutil.Error:  # gone already
         return "?"
 
 
