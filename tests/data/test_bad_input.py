@@ -310,17 +310,26 @@ def _prose(n_words: int, seed: int = 0) -> str:
 
 @pytest.fixture
 def tokenized_chars(monkeypatch, tok):
-    """Characters the tokenizer was called on, in total."""
+    """Characters the tokenizer was called on, in total (its own call, and the chat encoder's direct
+    calls of its backend for ids and offsets)."""
+    from posttrain.data import chat
+
     seen = [0]
     cls = type(tok)
     call = cls.__call__
+    ids_offsets = chat._ids_offsets
 
     def spy(self, text=None, *a, **kw):
         if isinstance(text, str):
             seen[0] += len(text)
         return call(self, text, *a, **kw)
 
+    def spy_offsets(tok, text):
+        seen[0] += len(text)
+        return ids_offsets(tok, text)
+
     monkeypatch.setattr(cls, "__call__", spy)
+    monkeypatch.setattr(chat, "_ids_offsets", spy_offsets)
     return seen
 
 

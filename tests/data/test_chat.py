@@ -412,3 +412,47 @@ def test_per_turn_matches_single_where_both_work(family):
         encode_turns(tok, CONV, add_generation_prompt=True)
     with pytest.raises(EmptyMaskError):
         encode_turns(tok, CONV[:2])
+
+
+def test_ids_and_offsets_from_the_backend_equal_the_tokenizers_own_call(tok_dir):
+    """`_ids_offsets` encodes with the fast tokenizer's backend directly where transformers' call would
+    only pass the text through; its ids and offsets must be that call's, and where the backend carries
+    a setting the call would change (truncation, padding, special tokens split), it must fall back."""
+    tok = _load(tok_dir, "ids_offsets", CHATML_TEMPLATE)  # its own copy: the settings below change it
+    text = tok.apply_chat_template(CONV, tokenize=False) + "  trailing <|im_end|>\n  spaces\n"
+
+    def reference():
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    calls = []
+    backend_encode = type(tok._tokenizer).encode
+
+    def direct(self, *a, **kw):  # counts the direct calls (transformers' own call uses encode_batch)
+        calls.append(1)
+        return backend_encode(self, *a, **kw)
+
+    want = reference()
+    ids, offsets = chat._ids_offsets(tok, text)
+    assert (list(ids), list(offsets)) == want and len(want[0]) > 40
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids  # special tokens kept whole
+
+    import unittest.mock as mock
+
+    with mock.patch.object(type(tok._tokenizer), "encode", direct):
+        chat._ids_offsets(tok, text)
+        assert calls == [1]
+        tok._tokenizer.enable_truncation(8)  # set on the backend (e.g. by a tokenizer.json): the call resets it
+        got = chat._ids_offsets(tok, text)
+        assert calls == [1] and got == reference() and len(got[0]) == len(want[0])
+        tok._tokenizer.no_truncation()
+        tok._tokenizer.enable_padding(length=400)
+        got = chat._ids_offsets(tok, text)
+        assert calls == [1] and got == reference() and got[0] == want[0]
+        tok._tokenizer.no_padding()
+        tok.split_special_tokens = True  # the call then splits "<|im_end|>" into ordinary tokens
+        got = chat._ids_offsets(tok, text)
+        assert calls == [1] and got == reference() and tok.convert_tokens_to_ids("<|im_end|>") not in got[0]
+        tok.split_special_tokens = False  # the backend still splits (the last call set it): one more fallback resets it
+        assert chat._ids_offsets(tok, text) == want and calls == [1]
+        assert chat._ids_offsets(tok, text) == want and calls == [1, 1]
