@@ -16,6 +16,7 @@ routes attention through the interface gets it by `attn_implementation="posttrai
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -58,10 +59,57 @@ def bucket_length(n: int) -> int:
 _plan_cache: dict = {}
 
 
-def _padded(seq: list[int], end: int, width: int, row_len: int) -> list[int]:
-    """A document's positions `seq` padded to `width`: past its end it reads the next positions (or a
-    clamped repeat), which its real queries never see (causal mask) and whose outputs are dropped."""
-    return seq + [min(end + k, row_len - 1) for k in range(width - len(seq))]
+def _row_plan(pos: np.ndarray, device: torch.device) -> tuple:
+    """One row's plan from its positions `pos` [T] (see `_plans`), in a few array operations per bucket
+    instead of Python over every position: on the GRPO benchmark's row (2,128 positions, 8 roots and 56
+    branches) 0.2 instead of 1.6 ms, on a uniform SFT row of 1,664 positions 0.1 instead of 0.7 ms, once
+    per step (the plan is cached for every layer and the backward). The same segmentation as
+    `segments`; tests/model/test_attention.py checks it against a version written out per position.
+
+    A document padded to a bucket's width reads the positions after its end (clamped to the row's last),
+    which its real queries never see (causal mask) and whose outputs are dropped."""
+    T = len(pos)
+    if T == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return [], empty, empty, empty
+    starts = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts = np.concatenate(([0], starts))
+    ends = np.append(starts[1:], T)
+    lens = ends - starts
+    prefix = pos[starts].copy()
+    prefix[0] = 0  # a row's first document is a root whatever its positions
+    root = np.maximum.accumulate(np.where(prefix == 0, starts, 0))  # a branch reads the latest root
+    keylen = prefix + lens
+    widths = np.array([bucket_length(int(n)) for n in keylen])
+    branch = prefix > 0
+    # buckets in the order of their first document, documents in row order within each
+    key = widths * 2 + branch
+    _, first = np.unique(key, return_index=True)
+    shapes, q_parts, kv_parts, out_index, base = [], [], [], np.empty(T, dtype=np.int64), 0
+    for k in key[np.sort(first)]:
+        docs = np.flatnonzero(key == k)
+        width, is_branch = int(widths[docs[0]]), bool(branch[docs[0]])
+        s, e, p, r, n = starts[docs, None], ends[docs, None], prefix[docs, None], root[docs, None], lens[docs, None]
+        col = np.arange(width)[None]
+        past = np.minimum(e + col - (p + n), T - 1)  # padding: the positions after the end
+        kv_parts.append(np.where(col < p, r + col, np.where(col < p + n, s + col - p, past)).ravel())
+        q_width = int(n.max()) if is_branch else width
+        col = np.arange(q_width)[None]
+        q = np.where(col < n, s + col, np.minimum(e + col - n, T - 1))
+        q_parts.append(q.ravel())
+        real = col < n
+        out_index[q[real]] = (base + np.arange(len(docs))[:, None] * q_width + col)[real]
+        mask = None
+        if is_branch:  # own query a sees keys 0 .. p + a
+            pre = torch.from_numpy(prefix[docs]).to(device)
+            mask = (torch.arange(width, device=device)[None, None, :]
+                    <= pre[:, None, None] + torch.arange(q_width, device=device)[None, :, None])[:, None]
+        shapes.append((q_width, width, len(docs), mask))
+        base += len(docs) * q_width
+    kv_idx, q_idx = np.concatenate(kv_parts), np.concatenate(q_parts)
+    kv = torch.from_numpy(kv_idx).to(device)
+    return (shapes, kv if np.array_equal(q_idx, kv_idx) else torch.from_numpy(q_idx).to(device), kv,
+            torch.from_numpy(out_index).to(device))
 
 
 def _plans(position_ids: torch.Tensor) -> list:
@@ -76,35 +124,11 @@ def _plans(position_ids: torch.Tensor) -> list:
     mask aligned to the end), instead of recomputing the prefix's queries under a plain causal mask and
     dropping their outputs. One layer's attention, fwd + bwd, on a GRPO row (8 prompts of 18 tokens, 8
     completions of 32 each, 2,248 positions; interleaved in-process A/B): 7.1 vs 8.7 ms."""
-    key = (tuple(position_ids.shape), position_ids.cpu().numpy().tobytes())  # by content: addresses get reused
+    rows = position_ids.cpu().numpy()
+    key = (tuple(position_ids.shape), rows.tobytes())  # by content: addresses get reused
     if key in _plan_cache:
         return _plan_cache[key]
-    plans = []
-    device = position_ids.device
-    for spans in segments(position_ids):
-        row_len = position_ids.shape[-1]
-        buckets: dict[tuple[bool, int], list[tuple[int, int, int, int]]] = {}
-        for seg in spans:
-            s, e, _, p = seg
-            buckets.setdefault((p > 0, bucket_length(p + e - s)), []).append(seg)
-
-        shapes, q_idx, kv_idx, out_index, base = [], [], [], [0] * row_len, 0
-        for (branch, width), docs in buckets.items():
-            q_width = max(e - s for s, e, _, _ in docs) if branch else width
-            for j, (s, e, root, p) in enumerate(docs):
-                kv_idx += _padded(list(range(root, root + p)) + list(range(s, e)), e, width, row_len)
-                q_idx += _padded(list(range(s, e)), e, q_width, row_len)
-                out_index[s:e] = range(base + j * q_width, base + j * q_width + (e - s))
-            mask = None
-            if branch:  # own query a sees keys 0 .. p + a
-                prefix = torch.tensor([p for _, _, _, p in docs], device=device)
-                mask = (torch.arange(width, device=device)[None, None, :]
-                        <= prefix[:, None, None] + torch.arange(q_width, device=device)[None, :, None])[:, None]
-            shapes.append((q_width, width, len(docs), mask))
-            base += len(docs) * q_width
-        kv = torch.tensor(kv_idx, device=device)
-        plans.append((shapes, kv if q_idx == kv_idx else torch.tensor(q_idx, device=device), kv,
-                      torch.tensor(out_index, device=device)))
+    plans = [_row_plan(row.astype(np.int64, copy=False), position_ids.device) for row in rows.reshape(-1, rows.shape[-1])]
     _plan_cache.clear()  # keep only the current batch's plan
     _plan_cache[key] = plans
     return plans

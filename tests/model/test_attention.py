@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from posttrain.model.attention import packed_sdpa, segments
+from posttrain.model.attention import _plans, bucket_length, packed_sdpa, segments
 
 
 class _Module:
@@ -67,3 +67,58 @@ def test_packed_sdpa_equals_attention_per_document(rows):
     assert (out.double() - want).abs().max() < 1e-5
     for g, leaf in zip(got, leaves):
         assert (g.double() - leaf.grad).abs().max() < 1e-5
+
+
+def _plan_per_position(row: list[int]):
+    """The plan of one row written out position by position (what `_row_plan` computes with arrays):
+    buckets by (branch, rounded key length) in order of first appearance, each document's key/value and
+    query positions padded with the positions after its end (clamped to the row), the output slots."""
+    (spans,) = segments(torch.tensor([row]))
+    T = len(row)
+    buckets: dict = {}
+    for s, e, root, p in spans:
+        buckets.setdefault((p > 0, bucket_length(p + e - s)), []).append((s, e, root, p))
+    shapes, q_idx, kv_idx, out_index, base = [], [], [], [0] * T, 0
+    for (branch, width), docs in buckets.items():
+        q_width = max(e - s for s, e, _, _ in docs) if branch else width
+        for j, (s, e, root, p) in enumerate(docs):
+            keys = list(range(root, root + p)) + list(range(s, e))
+            kv_idx += keys + [min(e + k, T - 1) for k in range(width - len(keys))]
+            q_idx += list(range(s, e)) + [min(e + k, T - 1) for k in range(q_width - (e - s))]
+            out_index[s:e] = range(base + j * q_width, base + j * q_width + (e - s))
+        shapes.append((q_width, width, len(docs), [p for _, _, _, p in docs] if branch else None))
+        base += len(docs) * q_width
+    return shapes, q_idx, kv_idx, out_index
+
+
+def test_plan_equals_plan_written_per_position():
+    import random
+
+    rng = random.Random(0)
+    layouts = [
+        [(0, 1)], [(0, 7)], [(0, 5), (0, 20), (0, 3), (0, 37), (0, 1), (0, 14)],
+        [(0, 12), (9, 6), (9, 8), (11, 4), (0, 30), (0, 9), (3, 11)],
+        [(3, 4), (0, 6)],  # a row starting inside a document: its first document is a root
+        [(0, 49)] + [(18, 31)] * 7 + [(0, 50)] + [(17, 33)] * 7,  # GRPO: prompts with their completions' branches
+    ]
+    for _ in range(30):  # random mixes of roots and branches, lengths across several buckets
+        docs, root = [], 0
+        while sum(n for _, n in docs) < 600:
+            if root and rng.random() < 0.4:
+                docs.append((rng.randint(1, root), rng.randint(1, 40)))
+            else:
+                root = rng.randint(1, 300)
+                docs.append((0, root))
+        layouts.append(docs)
+    for docs in layouts:
+        row = _positions(docs)
+        (shapes, q, kv, out), = _plans(torch.tensor([row]))
+        want_shapes, want_q, want_kv, want_out = _plan_per_position(row)
+        assert [(qw, w, n) for qw, w, n, _ in shapes] == [(qw, w, n) for qw, w, n, _ in want_shapes], docs
+        assert q.tolist() == want_q and kv.tolist() == want_kv and out.tolist() == want_out, docs
+        for (qw, w, n, mask), (*_, prefixes) in zip(shapes, want_shapes):
+            if prefixes is None:
+                assert mask is None
+            else:  # own query a sees keys 0 .. p + a
+                want = torch.tensor([[[key <= p + a for key in range(w)] for a in range(qw)] for p in prefixes])[:, None]
+                assert torch.equal(mask, want)
