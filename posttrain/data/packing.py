@@ -104,30 +104,59 @@ def share_prefix(sample: Sample) -> Sample:
     return Sample(tuple(ids), tuple(labels), sample.where, tuple(lens), sample.epoch, tuple(starts))
 
 
-def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int | None = None) -> dict:
+def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int | None = None,
+             drop_last: bool = False) -> dict:
     """One row: the units end to end, then a padding segment up to `budget`, or (`multiple_of`) only
-    up to the real length rounded up to that multiple (never beyond `budget`)."""
-    ids, labels, pos, lens, starts, units = [], [], [], [], [], []
+    up to the real length rounded up to that multiple (never beyond `budget`).
+
+    `drop_last`: each document's last token is left out of the row the model computes (`input_ids`,
+    `position_ids`), where that changes no result. Its output predicts nothing (the next position
+    starts another document, which it never predicts), and under the document mask its keys and
+    values are read only by itself; a shared-prefix branch reads its root's first tokens only, never
+    the root's last (`share_prefix` shares fewer tokens than the root has). So every target's logits
+    are those of the full row, one position per document cheaper in every layer (a GRPO step of 64
+    completions: 64 of ~2,100 positions). The token is still a target: `labels` keep the full
+    layout, and `out_index` maps a position of it to its place in the computed row (-1: not
+    computed), which `target_rows` applies. A document is kept whole where dropping would make the
+    next document continue its positions (a branch starting right after its new end:
+    `attention.segments` would read one document), and where it is a single token."""
+    docs = []  # (ids, labels, first position) per document, in row order
+    units = []
     for s in samples:
         start = 0
         for n, p in zip(s.docs, s.starts):
-            ids += s.input_ids[start : start + n]
             # nothing is predicted across a boundary: a document's first token is no target, except a
             # branch's, predicted from its root's prefix (`target_rows`)
-            labels += tuple(s.labels[start : start + n]) if p > 0 else (-100,) + tuple(s.labels[start + 1 : start + n])
-            pos += range(p, p + n)
-            lens.append(n)
-            starts.append(p)
+            lab = tuple(s.labels[start : start + n]) if p > 0 else (-100,) + tuple(s.labels[start + 1 : start + n])
+            docs.append((s.input_ids[start : start + n], lab, p))
             start += n
         units.append(len(s.docs))
-    real = len(ids)
-    width = budget if multiple_of is None else min(budget, -(-real // multiple_of) * multiple_of)
-    tail = width - real
+    ids, labels, pos, lens, starts, kept, out_index = [], [], [], [], [], [], []
+    for i, (d_ids, lab, p) in enumerate(docs):
+        n = len(d_ids)
+        nxt = docs[i + 1][2] if i + 1 < len(docs) else 0
+        drop = drop_last and n > 1 and nxt != p + n - 1
+        m = n - drop
+        out_index += range(len(ids), len(ids) + m)
+        if drop:
+            out_index.append(-1)
+        ids += d_ids[:m]
+        pos += range(p, p + m)
+        labels += lab
+        lens.append(n)
+        kept.append(m)
+        starts.append(p)
+    real, computed = len(labels), len(ids)
+
+    def width(n: int) -> int:
+        return budget if multiple_of is None else min(budget, -(-n // multiple_of) * multiple_of)
+
+    tail = width(computed) - computed
     if tail > 0:
         ids += (pad_id,) * tail
-        labels += (-100,) * tail
         pos += range(tail)
-    return {
+    labels += (-100,) * (width(real) - real)
+    batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
@@ -137,6 +166,15 @@ def pack_row(samples: list[Sample], budget: int, pad_id: int, multiple_of: int |
         "unit_where": [smp.where for smp in samples],  # file:line of each unit (a stable key)
         "num_tokens": real,
     }
+    if computed < real:
+        batch["doc_kept"] = kept  # the positions of each document the model computes
+        batch["out_index"] = torch.tensor(out_index + [-1] * (width(real) - real), dtype=torch.long)
+    return batch
+
+
+def computed_lens(batch: dict) -> list[int]:
+    """Each document's positions in the row the model computes (`pack_row`'s `drop_last`)."""
+    return batch.get("doc_kept") or batch["doc_lens"]
 
 
 def pad_batch(samples: list[Sample], pad_id: int) -> dict:
@@ -170,13 +208,13 @@ def pad_batch(samples: list[Sample], pad_id: int) -> dict:
 
 
 def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool,
-               multiple_of: int | None = None) -> tuple[dict, list[Sample]]:
-    """One micro-batch from the buffer; returns (batch, remaining buffer)."""
+               multiple_of: int | None = None, drop_last: bool = False) -> tuple[dict, list[Sample]]:
+    """One micro-batch from the buffer; returns (batch, remaining buffer). `drop_last`: `pack_row`'s."""
     chosen = take_best_fit(buffer, budget) if packing else take_in_order(buffer, budget)
     picked = set(chosen)
     samples = [buffer[i] for i in chosen]
     rest = [s for i, s in enumerate(buffer) if i not in picked]
-    batch = pack_row(samples, budget, pad_id, multiple_of) if packing else pad_batch(samples, pad_id)
+    batch = pack_row(samples, budget, pad_id, multiple_of, drop_last) if packing else pad_batch(samples, pad_id)
     batch["epoch"] = min(s.epoch for s in samples + rest)  # every unit of an earlier pass has been taken
     return batch, rest
 
@@ -201,7 +239,9 @@ def target_rows(batch: dict) -> torch.LongTensor:
                 to.append(root + p - 1)
             off += n
         src[0, at] = torch.tensor(to, device=labels.device)
-    return src[:, 1:][labels[:, 1:] != -100]
+    src = src[:, 1:][labels[:, 1:] != -100]
+    out = batch.get("out_index")
+    return src if out is None else out.index_select(0, src)
 
 
 def target_doc_index(batch: dict) -> torch.LongTensor:

@@ -65,7 +65,7 @@ from ..compute.tracking import Trackers
 from ..config import ConfigError, JobConfig, ModelConfig
 from ..data.layouts import local_path
 from ..data.loader import DataLoader
-from ..data.packing import share_prefix
+from ..data.packing import computed_lens, share_prefix
 from ..data.records import encode_sft_record
 from ..data.tokenizer import TokenizerMismatchError, fingerprint, load_tokenizer
 from ..model.attention import NAME as ATTN_PACKED
@@ -97,7 +97,7 @@ class NothingTrained(RuntimeError):
 
 def _forward_flops(counter: FlopCounter, batch: dict) -> float:
     """Matmul FLOPs of one forward over a batch (decoder on real tokens, head on target positions)."""
-    parts = counter.breakdown(batch["doc_lens"], count_targets(batch["labels"]), doc_starts=batch.get("doc_starts"))
+    parts = counter.breakdown(computed_lens(batch), count_targets(batch["labels"]), doc_starts=batch.get("doc_starts"))
     return sum(p["forward"] for p in parts.values())
 
 
@@ -739,15 +739,15 @@ class Engine:
 
     def _step_metrics(self, step: Step, dt: float, data_wait: float) -> dict:
         micro = step.micro
-        f = self.flops.step_flops([n for b in micro for n in b["doc_lens"]], step.local_targets(), n_micro_batches=len(micro),
+        f = self.flops.step_flops([n for b in micro for n in computed_lens(b)], step.local_targets(), n_micro_batches=len(micro),
                                   doc_starts=[s for b in micro for s in b.get("doc_starts") or [0] * len(b["doc_lens"])])
         frozen = sum(fz.flops for fz in self.frozen_models)
         for fz in self.frozen_models:
             fz.flops = 0.0
         names, max_names = sorted(step.metrics), sorted(step.maxima)
         local = [step.loss / step.updates, f["model"], f["hardware"], frozen, sum(b["num_tokens"] for b in micro),
-                 sum(b["input_ids"].numel() for b in micro), *(step.metrics[k] for k in names)]
-        loss, model_flops, hw_flops, frozen, real, slots, *values = all_reduce_many(local)
+                 sum(sum(computed_lens(b)) for b in micro), sum(b["input_ids"].numel() for b in micro), *(step.metrics[k] for k in names)]
+        loss, model_flops, hw_flops, frozen, real, computed, slots, *values = all_reduce_many(local)
         values += all_reduce_many([step.maxima[k] for k in max_names], "max")
         names += max_names
         self.losses.append(loss)
@@ -755,7 +755,7 @@ class Engine:
         out = {
             "step": step.index, "epoch": micro[-1]["epoch"], "loss": loss, "lr": step.lr,
             "grad_norm": grad_norm, "target_tokens": step.targets(), "tokens_per_s": real / dt,
-            "step_time_s": dt, "data_wait": data_wait, "padding": 1 - real / slots,
+            "step_time_s": dt, "data_wait": data_wait, "padding": 1 - computed / slots,
         }
         if self._plausible_peak((hw_flops + frozen) / dt / self.world):
             out["mfu"] = mfu((model_flops + frozen) / dt, self.peak, n_devices=self.world)
