@@ -208,13 +208,13 @@ def pad_batch(samples: list[Sample], pad_id: int) -> dict:
 
 
 def make_batch(buffer: list[Sample], *, budget: int, pad_id: int, packing: bool,
-               multiple_of: int | None = None, drop_last: bool = False) -> tuple[dict, list[Sample]]:
-    """One micro-batch from the buffer; returns (batch, remaining buffer). `drop_last`: `pack_row`'s."""
+               multiple_of: int | None = None) -> tuple[dict, list[Sample]]:
+    """One micro-batch from the buffer; returns (batch, remaining buffer)."""
     chosen = take_best_fit(buffer, budget) if packing else take_in_order(buffer, budget)
     picked = set(chosen)
     samples = [buffer[i] for i in chosen]
     rest = [s for i, s in enumerate(buffer) if i not in picked]
-    batch = pack_row(samples, budget, pad_id, multiple_of, drop_last) if packing else pad_batch(samples, pad_id)
+    batch = pack_row(samples, budget, pad_id, multiple_of) if packing else pad_batch(samples, pad_id)
     batch["epoch"] = min(s.epoch for s in samples + rest)  # every unit of an earlier pass has been taken
     return batch, rest
 

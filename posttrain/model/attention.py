@@ -62,7 +62,7 @@ _plan_cache: dict = {}
 def _row_plan(pos: np.ndarray, device: torch.device) -> tuple:
     """One row's plan from its positions `pos` [T] (see `_plans`), in a few array operations per bucket
     instead of Python over every position: on the GRPO benchmark's row (2,128 positions, 8 roots and 56
-    branches) 0.2 instead of 1.6 ms, on a uniform SFT row of 1,664 positions 0.1 instead of 0.7 ms, once
+    branches) 0.3 instead of 1.6 ms, on a uniform SFT row of 1,664 positions 0.2 instead of 0.7 ms, once
     per step (the plan is cached for every layer and the backward). The same segmentation as
     `segments`; tests/model/test_attention.py checks it against a version written out per position.
 
