@@ -28,23 +28,24 @@ from .hf import unwrap
 NAME = "posttrain_packed"
 
 
+def _documents(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The documents of one row from its positions `pos` [T] (T > 0): their starts, ends, roots and
+    prefixes (see `segments`), as arrays."""
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(pos) != 1) + 1))
+    ends = np.append(starts[1:], len(pos))
+    prefix = pos[starts].copy()
+    prefix[0] = 0  # a row's first document is a root whatever its positions
+    root = np.maximum.accumulate(np.where(prefix == 0, starts, 0))  # a branch reads the latest root
+    return starts, ends, root, prefix
+
+
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     """Per row, every document as (start, end, root, prefix). A document starts wherever the position
     does not continue the previous one (pos[i] != pos[i-1] + 1; `packing.share_prefix` guarantees it
     drops, pos[i] <= pos[i-1]). One starting at 0 is a root (root = start, prefix = 0); one starting
     at p > 0 is a branch of the latest root: it attends to that root's first p tokens, then itself."""
-    out = []
-    for row in position_ids.tolist():
-        spans, root, s = [], 0, 0
-        for i in range(1, len(row) + 1):
-            if i == len(row) or row[i] != row[i - 1] + 1:
-                p = row[s]
-                if p == 0 or s == 0:
-                    root, p = s, 0  # a row's first document is a root whatever its positions
-                spans.append((s, i, root, p))
-                s = i
-        out.append(spans)
-    return out
+    rows = position_ids.cpu().numpy().astype(np.int64, copy=False)
+    return [list(zip(*(a.tolist() for a in _documents(row)))) if len(row) else [] for row in rows]
 
 
 def bucket_length(n: int) -> int:
@@ -63,8 +64,8 @@ def _row_plan(pos: np.ndarray, device: torch.device) -> tuple:
     """One row's plan from its positions `pos` [T] (see `_plans`), in a few array operations per bucket
     instead of Python over every position: on the GRPO benchmark's row (2,128 positions, 8 roots and 56
     branches) 0.3 instead of 1.6 ms, on a uniform SFT row of 1,664 positions 0.2 instead of 0.7 ms, once
-    per step (the plan is cached for every layer and the backward). The same segmentation as
-    `segments`; tests/model/test_attention.py checks it against a version written out per position.
+    per step (the plan is cached for every layer and the backward). Documents as `segments` reads them
+    (`_documents`); tests/model/test_attention.py checks the plan against one written out per position.
 
     A document padded to a bucket's width reads the positions after its end (clamped to the row's last),
     which its real queries never see (causal mask) and whose outputs are dropped."""
@@ -72,13 +73,8 @@ def _row_plan(pos: np.ndarray, device: torch.device) -> tuple:
     if T == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return [], empty, empty, empty
-    starts = np.flatnonzero(np.diff(pos) != 1) + 1
-    starts = np.concatenate(([0], starts))
-    ends = np.append(starts[1:], T)
+    starts, ends, root, prefix = _documents(pos)
     lens = ends - starts
-    prefix = pos[starts].copy()
-    prefix[0] = 0  # a row's first document is a root whatever its positions
-    root = np.maximum.accumulate(np.where(prefix == 0, starts, 0))  # a branch reads the latest root
     keylen = prefix + lens
     widths = np.array([bucket_length(int(n)) for n in keylen])
     branch = prefix > 0
